@@ -1,0 +1,1 @@
+"""moe-recipe: a DeepSpeed training recipe for Mixture-of-Experts language models."""

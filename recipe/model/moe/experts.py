@@ -1,0 +1,205 @@
+"""Expert networks and the expert registry.
+
+An expert group holds the experts local to one rank and runs them over tokens already grouped
+by expert: ``forward(x_NM, tokens_per_expert)`` where rows ``[0, n_0)`` belong to local expert 0,
+the next ``n_1`` rows to expert 1, and so on. It returns ``(N, M)`` in the same row order.
+
+Checkpoint layout: whatever the in-memory storage, a group's state dict presents one entry per
+expert under ``deepspeed_experts.{i}.<name>``, the names the DeepSpeed engine cuts into one file
+per expert (``layer_{L}_expert_{E}_mp_rank_00_model_states.pt``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERT_KEY_PREFIX = "deepspeed_experts"
+
+# name -> factory(hidden_size, intermediate_size) returning ONE expert module mapping (n, M) -> (n, M).
+_EXPERT_REGISTRY: Dict[str, Callable[[int, int], nn.Module]] = {}
+
+
+def register_expert(name: str):
+    """Decorator: make an expert network selectable from the config as ``model.moe_expert = name``.
+
+    The decorated callable takes ``(hidden_size, intermediate_size)`` and returns one expert
+    (an ``nn.Module`` mapping ``(n, hidden_size) -> (n, hidden_size)``). The recipe builds one per local
+    expert and runs them over contiguous token blocks.
+    """
+
+    def decorator(factory: Callable[[int, int], nn.Module]):
+        if name in _EXPERT_REGISTRY:
+            raise ValueError(f"an expert named {name!r} is already registered")
+        _EXPERT_REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def registered_experts() -> list[str]:
+    return sorted(_EXPERT_REGISTRY)
+
+
+def ffn_intermediate_size(hidden_size: int, mlp_ratio: float, multiple_of: int) -> int:
+    """InternEvo's rule: ``int(hidden_size · mlp_ratio)`` rounded up to a multiple of ``multiple_of``."""
+    hidden = int(hidden_size * mlp_ratio)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+@register_expert("swiglu")
+class SwiGLU(nn.Module):
+    """One SwiGLU FFN ``w2(silu(w1·x) * w3·x)``; also the dense FFN and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ModuleListExperts(nn.Module):
+    """Any registered expert, one module per local expert, run block by block (the generic path)."""
+
+    def __init__(self, factory: Callable[[int, int], nn.Module], num_local_experts: int, hidden_size: int,
+                 intermediate_size: int):
+        super().__init__()
+        self.num_local_experts = num_local_experts
+        self.deepspeed_experts = nn.ModuleList(factory(hidden_size, intermediate_size) for _ in range(num_local_experts))
+
+    def forward(self, x_NM: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        blocks = torch.split(x_NM, tokens_per_expert.tolist())
+        return torch.cat([expert(block) for expert, block in zip(self.deepspeed_experts, blocks)], dim=0)
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_works(device_type: str, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> bool:
+    """Whether ``torch._grouped_mm`` runs forward and backward for these shapes on this device.
+
+    It needs 16-byte aligned strides and, on CUDA, a recent GPU; a tiny trial call decides once per key.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(6, hidden_size, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, intermediate_size, hidden_size, device=device_type, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([2, 6], device=device_type, dtype=torch.int32)
+        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        y.backward(torch.ones_like(y))
+        reference = torch.cat([x[:2] @ w[0].t(), x[2:] @ w[1].t()])
+        return bool(torch.allclose(y, reference, rtol=1e-2, atol=1e-2))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous()
+
+
+class SwiGLUExperts(nn.Module):
+    """All local SwiGLU experts in stacked weights, run with one grouped GEMM per projection.
+
+    ``w1, w3``: (E_local, F, M); ``w2``: (E_local, M, F), each slice laid out like ``nn.Linear.weight``.
+    With ``torch._grouped_mm`` unavailable for the device/dtype/shape, a per-expert loop over the
+    same weights runs instead (``use_grouped_mm`` forces either path; tests compare them).
+    The state dict shows per-expert keys ``deepspeed_experts.{i}.w1.weight`` etc., the same keys a
+    ``ModuleListExperts`` of ``SwiGLU`` has, so checkpoints move freely between the two.
+    """
+
+    def __init__(self, num_local_experts: int, hidden_size: int, intermediate_size: int,
+                 use_grouped_mm: bool | None = None):
+        super().__init__()
+        self.num_local_experts = num_local_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.use_grouped_mm = use_grouped_mm
+        self.w1 = nn.Parameter(torch.empty(num_local_experts, intermediate_size, hidden_size))
+        self.w3 = nn.Parameter(torch.empty(num_local_experts, intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, intermediate_size))
+        self.reset_parameters()
+        self.register_state_dict_post_hook(_unstack_expert_state)
+        self.register_load_state_dict_pre_hook(_stack_expert_state)
+
+    def reset_parameters(self) -> None:
+        # Same distribution as nn.Linear's default, per expert.
+        for weight in (self.w1, self.w3, self.w2):
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+
+    def _grouped(self, x_NM: torch.Tensor) -> bool:
+        if self.use_grouped_mm is not None:
+            return self.use_grouped_mm
+        return grouped_mm_works(x_NM.device.type, x_NM.dtype, self.hidden_size, self.intermediate_size)
+
+    def forward(self, x_NM: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        if self._grouped(x_NM):
+            offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+
+            def project(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                out = torch._grouped_mm(inp, weight.transpose(-2, -1), offs=offsets)
+                if out.requires_grad:
+                    out.register_hook(_contiguous_grad)  # its backward rejects broadcast (stride-0) grads
+                return out
+
+            hidden_NF = F.silu(project(x_NM, self.w1)) * project(x_NM, self.w3)
+            return project(hidden_NF, self.w2)
+        blocks = torch.split(x_NM, tokens_per_expert.tolist())
+        outputs = [
+            F.linear(F.silu(F.linear(block, self.w1[e])) * F.linear(block, self.w3[e]), self.w2[e])
+            for e, block in enumerate(blocks)
+        ]
+        return torch.cat(outputs, dim=0)
+
+
+_STACKED_NAMES = ("w1", "w2", "w3")
+
+
+def _unstack_expert_state(module: SwiGLUExperts, state_dict, prefix, local_metadata) -> None:
+    """State-dict post hook: replace ``w1`` (E, F, M) by ``deepspeed_experts.{i}.w1.weight`` (F, M) entries."""
+    for name in _STACKED_NAMES:
+        stacked = state_dict.pop(prefix + name)
+        for i in range(module.num_local_experts):
+            state_dict[f"{prefix}{EXPERT_KEY_PREFIX}.{i}.{name}.weight"] = stacked[i]
+
+
+def _stack_expert_state(module: SwiGLUExperts, state_dict, prefix, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs) -> None:
+    """Load pre hook: the inverse of ``_unstack_expert_state``; stacked keys are accepted as they are."""
+    for name in _STACKED_NAMES:
+        keys = [f"{prefix}{EXPERT_KEY_PREFIX}.{i}.{name}.weight" for i in range(module.num_local_experts)]
+        present = [key for key in keys if key in state_dict]
+        if not present:
+            continue  # stacked key given directly, or missing: load_state_dict reports it
+        if len(present) != len(keys):
+            absent = sorted(set(keys) - set(present))
+            error_msgs.append(f"expert weights incomplete: missing {absent[:3]}{'...' if len(absent) > 3 else ''}")
+            continue
+        state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
+    # Experts beyond the local count mean the checkpoint was saved with more local experts.
+    extra = [key for key in state_dict if key.startswith(f"{prefix}{EXPERT_KEY_PREFIX}.")]
+    if extra:
+        error_msgs.append(
+            f"checkpoint has expert entries this layer does not hold ({extra[0]} ...): it was saved with "
+            f"a different number of experts per rank; load it through recipe.checkpoint to reshard"
+        )
+        for key in extra:
+            state_dict.pop(key)
+
+
+def build_experts(name: str, num_local_experts: int, hidden_size: int, intermediate_size: int) -> nn.Module:
+    """The expert group for ``model.moe_expert = name``: stacked SwiGLU for "swiglu", else a module list."""
+    if name == "swiglu":
+        return SwiGLUExperts(num_local_experts, hidden_size, intermediate_size)
+    if name not in _EXPERT_REGISTRY:
+        raise ValueError(
+            f"unknown expert {name!r}; registered: {registered_experts()}. "
+            f"Register yours with @recipe.model.moe.register_expert({name!r})"
+        )
+    return ModuleListExperts(_EXPERT_REGISTRY[name], num_local_experts, hidden_size, intermediate_size)

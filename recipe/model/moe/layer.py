@@ -1,0 +1,221 @@
+"""The MoE layer that fills an FFN slot: router -> gating -> dispatch -> experts -> weighted combine.
+
+The class derives from ``deepspeed.moe.layer.MoE`` only so that the DeepSpeed engine recognises it
+(the engine tests ``isinstance(module, MoE)``): it then creates the ``ep_size_{N}`` process groups,
+reduces expert gradients over the expert-data-parallel group and saves one file per expert. None of
+DeepSpeed's MoE code runs: ``__init__`` and ``forward`` are ours.
+
+State-dict layout (what the engine's per-expert checkpoint cut expects)::
+
+    deepspeed_moe.gate.wg.weight                              (E, M) router, replicated
+    deepspeed_moe.experts.deepspeed_experts.{i}.w1.weight     (F, M) local expert i
+    deepspeed_moe.experts.deepspeed_experts.{i}.w3.weight     (F, M)
+    deepspeed_moe.experts.deepspeed_experts.{i}.w2.weight     (M, F)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from torch import nn
+
+from .dispatch import LocalDispatcher, expert_parallel_dispatcher
+from .experts import build_experts
+from .gating import GateOutput, get_gate, load_balancing_loss
+
+
+@dataclass
+class RoutingStats:
+    """Detached routing figures of one layer call, for telemetry (rank-local; the trainer reduces)."""
+
+    tokens_per_expert: torch.Tensor  # (E,) long: kept (token, choice) pairs per global expert
+    first_choice_count: torch.Tensor  # (E,) fp32: tokens whose first choice is e
+    gate_prob_mean: torch.Tensor  # (E,) fp32
+    router_entropy: torch.Tensor  # () fp32
+    num_tokens: int  # routed tokens
+    num_pairs_kept: int
+    capacity: int
+    k: int
+
+    @property
+    def drop_fraction(self) -> float:
+        total = self.num_tokens * self.k
+        return 0.0 if total == 0 else 1.0 - self.num_pairs_kept / total
+
+
+class MoEOutput(NamedTuple):
+    output: torch.Tensor  # same shape and dtype as the input
+    l_aux: torch.Tensor  # () fp32 GShard balancing loss (1 at perfect balance)
+    z_loss: torch.Tensor  # () fp32 router z-loss, unweighted
+    stats: RoutingStats
+
+
+class Router(nn.Module):
+    """Linear router kept in fp32 whatever the activation dtype (routing decisions are precision-sensitive)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, jitter_eps: float = 0.0):
+        super().__init__()
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+        self.jitter_eps = jitter_eps
+
+    def forward(self, x_SM: torch.Tensor) -> torch.Tensor:
+        x_SM = x_SM.float()
+        if self.training and self.jitter_eps > 0:
+            # Multiplicative jitter (Switch Transformer) on the router input only.
+            x_SM = x_SM * torch.empty_like(x_SM).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        return nn.functional.linear(x_SM, self.wg.weight.float())  # (S, E) fp32
+
+
+class MoECore(nn.Module):
+    """Holds the router and the local experts under the names DeepSpeed's checkpointing looks for."""
+
+    def __init__(self, gate: Router, experts: nn.Module):
+        super().__init__()
+        self.gate = gate
+        self.experts = experts
+
+
+class MoE(DeepSpeedMoE):
+    """Mixture-of-Experts FFN with GShard top-1/top-2 gating and index-based dispatch.
+
+    Args:
+        hidden_size: M, input and output width.
+        num_experts: E, experts in total over the expert-parallel group.
+        k: experts per token (1 or 2).
+        capacity_factor / eval_capacity_factor: cf in training / eval.
+        min_capacity: lower bound on the per-expert capacity.
+        drop_tokens: False disables the capacity cut (no token is ever dropped).
+        ep_size: expert-parallel size; this rank holds ``num_experts // ep_size`` experts.
+        intermediate_size: F, hidden width of each expert.
+        expert: registered expert name ("swiglu" or one added with ``register_expert``).
+        gate: registered gate name ("gshard" or one added with ``register_gate``).
+        noisy_gate_policy: None, "Jitter" or "RSample".
+        use_rts: random token selection on overflow.
+        second_expert_policy: "argmax" or "sampling".
+        balance_over_data_parallel: compute the balancing loss from routing counts summed over the
+            data-parallel group (one all-reduce of E numbers), making the loss independent of how the
+            global batch is split over ranks. False gives DeepSpeed's per-rank loss.
+
+    ``forward(hidden_states, token_mask=None)`` takes ``(..., M)`` and an optional bool mask of the
+    leading shape (False = padding: not routed, output 0, not counted in the loss) and returns
+    ``MoEOutput(output, l_aux, z_loss, stats)``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        k: int = 1,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 1.0,
+        min_capacity: int = 4,
+        drop_tokens: bool = True,
+        ep_size: int = 1,
+        intermediate_size: Optional[int] = None,
+        expert: str = "swiglu",
+        gate: str = "gshard",
+        noisy_gate_policy: Optional[str] = None,
+        use_rts: bool = False,
+        second_expert_policy: str = "argmax",
+        balance_over_data_parallel: bool = True,
+        jitter_eps: float = 1e-2,
+    ):
+        nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ would build its own gate and experts
+        if num_experts < 1 or ep_size < 1 or num_experts % ep_size != 0:
+            raise ValueError(
+                f"num_experts ({num_experts}) must be a positive multiple of ep_size ({ep_size}); "
+                f"change num_experts or the expert-parallel size"
+            )
+        if k not in (1, 2) or k > num_experts:
+            raise ValueError(f"k must be 1 or 2 and at most num_experts ({num_experts}), got {k}")
+        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.ep_size = ep_size
+        self.num_local_experts = num_experts // ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.enable_expert_tensor_parallelism = False
+        self.use_residual = False
+        self.k = k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.drop_tokens = drop_tokens
+        self.noisy_gate_policy = noisy_gate_policy
+        self.use_rts = use_rts
+        self.second_expert_policy = second_expert_policy
+        self.balance_over_data_parallel = balance_over_data_parallel
+        self.gate_fn = get_gate(gate)
+        if intermediate_size is None:
+            intermediate_size = 4 * hidden_size
+        experts = build_experts(expert, self.num_local_experts, hidden_size, intermediate_size)
+        for param in experts.parameters():
+            # What DeepSpeed's ZeRO and optimizer grouping read to treat a parameter as an expert's.
+            param.allreduce = False
+            param.group_name = self.expert_group_name
+        jitter = jitter_eps if noisy_gate_policy == "Jitter" else 0.0
+        self.deepspeed_moe = MoECore(Router(hidden_size, num_experts, jitter), experts)
+        self.dispatcher: Optional[LocalDispatcher] = LocalDispatcher() if ep_size == 1 else None
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by ``deepspeed.initialize`` (or by hand after ``deepspeed.init_distributed``)."""
+        self.dispatcher = expert_parallel_dispatcher(self.ep_size, use_data_before_expert_parallel_)
+
+    def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        self.set_deepspeed_parallelism(use_data_before_expert_parallel_)
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> MoEOutput:
+        if self.dispatcher is None:
+            raise RuntimeError(
+                f"MoE layer with ep_size={self.ep_size} has no expert-parallel group yet: build the model "
+                f"before deepspeed.initialize(...) (which sets it up) or call set_deepspeed_parallelism()"
+            )
+        leading_shape, hidden = hidden_states.shape[:-1], hidden_states.shape[-1]
+        x_SM = hidden_states.reshape(-1, hidden)
+        mask_S = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
+        num_tokens, k = x_SM.shape[0], self.k
+
+        logits_SE = self.deepspeed_moe.gate(x_SM)
+        gate: GateOutput = self.gate_fn(
+            logits_SE,
+            k,
+            capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
+            min_capacity=self.min_capacity,
+            drop_tokens=self.drop_tokens,
+            noisy_gate_policy=self.noisy_gate_policy,
+            use_rts=self.use_rts,
+            second_expert_policy=self.second_expert_policy,
+            training=self.training,
+            token_mask=mask_S,
+        )
+        l_aux = gate.l_aux
+        if self.balance_over_data_parallel:
+            counts = torch.cat([gate.first_choice_count, gate.first_choice_count.new_tensor([gate.num_tokens])])
+            counts = self.dispatcher.sum_over_data_parallel(counts)
+            l_aux = load_balancing_loss(gate.gate_prob_mean, counts[:-1] / counts[-1].clamp(min=1))
+
+        # Permute: one row per kept (token, choice) pair, grouped by expert.
+        token_of_pair_N = torch.div(gate.sorted_pairs, k, rounding_mode="floor")
+        x_NM = x_SM.index_select(0, token_of_pair_N)
+        y_NM = self.dispatcher.run(x_NM, gate.tokens_per_expert, self.deepspeed_moe.experts)
+        # Combine: weight each pair, put it back in its (token, choice) slot, sum the choices.
+        weight_N = gate.combine_weight.reshape(-1).index_select(0, gate.sorted_pairs).to(y_NM.dtype)
+        y_NM = y_NM * weight_N.unsqueeze(1)
+        out_PM = y_NM.new_zeros(num_tokens * k, hidden).index_copy(0, gate.sorted_pairs, y_NM)
+        out_SM = out_PM if k == 1 else out_PM.view(num_tokens, k, hidden).sum(dim=1)
+
+        stats = RoutingStats(
+            tokens_per_expert=gate.tokens_per_expert.detach(),
+            first_choice_count=gate.first_choice_count.detach(),
+            gate_prob_mean=gate.gate_prob_mean.detach(),
+            router_entropy=gate.router_entropy.detach(),
+            num_tokens=gate.num_tokens,
+            num_pairs_kept=int(gate.sorted_pairs.numel()),
+            capacity=gate.capacity,
+            k=k,
+        )
+        return MoEOutput(out_SM.view(*leading_shape, hidden), l_aux, gate.z_loss, stats)
