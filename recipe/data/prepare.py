@@ -1,0 +1,324 @@
+"""Turn a text corpus into token shards: ``train.bin``, ``val.bin``, ``meta.json``.
+
+Layout of a prepared folder ``out_dir``::
+
+    train.bin         flat array of token ids (dtype in meta), documents back to back,
+    val.bin           each followed by eos; np.memmap-able, no header
+    tokenizer.model   the SentencePiece model that made them
+    meta.json         written last: its presence means the folder is complete
+
+The split is by whole documents: doc ids are put in a seeded order (sorted by
+``sha256(f"{seed}:{doc_id}")``, independent of library versions), then every
+``val_every``-th of them, starting with the first, goes to validation. Shards
+hold documents in that order. The tokenizer is trained on training documents
+only, so validation text is unseen by it too.
+
+CLI::
+
+    python -m recipe.data.prepare --source PATH --out DIR --vocab-size N \
+        [--tokenizer FILE] [--val-every 10] [--seed 0]
+    python -m recipe.data.prepare --default      # SOTU corpus -> data/sotu/
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from recipe.data.corpus import fetch_sotu, read_documents
+from recipe.data.tokenizer import Tokenizer, train_tokenizer
+
+FORMAT_VERSION = 1
+DEFAULT_VOCAB_SIZE = 4096
+DEFAULT_OUT_DIR = Path("data/sotu")  # --default: raw speeches go to DEFAULT_OUT_DIR / "raw"
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.model"
+SPLITS = ("train", "val")
+_ENCODE_CHUNK_DOCS = 256  # documents encoded and written per step (bounds memory)
+
+
+def prepare_dataset(
+    source: Path,
+    out_dir: Path,
+    vocab_size: int,
+    tokenizer_model: Path | None = None,
+    val_every: int = 10,
+    seed: int = 0,
+    verbose: bool = True,
+) -> dict:
+    """Prepare ``out_dir`` from the documents under ``source``; return its meta dict.
+
+    Trains a ``vocab_size`` BPE tokenizer on the training documents unless
+    ``tokenizer_model`` is given (its vocabulary size must equal ``vocab_size``).
+    If ``out_dir`` already holds a complete result for the same corpus content
+    and settings, it is reused as is. Files are staged in a hidden temp folder
+    inside ``out_dir`` and moved into place with ``meta.json`` last (and the old
+    ``meta.json`` removed first), so an interrupted run never looks complete.
+    The corpus is held in memory while preparing.
+    Raises FileNotFoundError/ValueError (see read_documents, split_documents,
+    train_tokenizer) with the fix in the message.
+    """
+    start = time.perf_counter()
+    source, out_dir = Path(source), Path(out_dir)
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    docs = dict(read_documents(source))  # doc_id -> text, in corpus order
+    given = Tokenizer(tokenizer_model) if tokenizer_model is not None else None
+    if given is not None and given.vocab_size != vocab_size:
+        raise ValueError(
+            f"--vocab-size {vocab_size} does not match the tokenizer {tokenizer_model} "
+            f"(vocab size {given.vocab_size}); pass --vocab-size {given.vocab_size}"
+        )
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "vocab_size": vocab_size,
+        "seed": seed,
+        "val_every": val_every,
+        "corpus_sha256": corpus_sha256(docs),
+        "tokenizer_trained": given is None,
+    }
+    reused = _reusable_meta(out_dir, settings, given)
+    if reused is not None:
+        _log(verbose, f"reusing prepared data in {out_dir} (same corpus and settings)")
+        return reused
+
+    train_ids, val_ids = split_documents(list(docs), val_every, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / f".prepare-tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        tok_start = time.perf_counter()
+        tok = _stage_tokenizer(staging, docs, train_ids, vocab_size, seed, tokenizer_model)
+        tok_seconds = time.perf_counter() - tok_start
+        dtype = shard_dtype(tok.vocab_size)
+        counts = {
+            split: _write_shard(staging / f"{split}.bin", [docs[d] for d in ids], tok, dtype)
+            for split, ids in zip(SPLITS, (train_ids, val_ids))
+        }
+        meta = {
+            **settings,
+            "dtype": np.dtype(dtype).name,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "bos_id": tok.bos_id,
+            "tokenizer_model": TOKENIZER_FILE,
+            "tokenizer_sha256": tok.sha256,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "train_docs": train_ids,
+            "val_docs": val_ids,
+            "source": str(source),
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        _publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    what = "given" if given is not None else f"trained in {tok_seconds:.1f} s"
+    _log(
+        verbose,
+        f"prepared {out_dir}: train {len(train_ids)} docs / {counts['train']:,} tokens, "
+        f"val {len(val_ids)} docs / {counts['val']:,} tokens, vocab {tok.vocab_size} "
+        f"({meta['dtype']}), tokenizer {what}, total {time.perf_counter() - start:.1f} s",
+    )
+    return meta
+
+
+def split_documents(doc_ids: Sequence[str], val_every: int, seed: int) -> tuple[list[str], list[str]]:
+    """Split doc ids into (train, val) lists, both in the seeded shuffled order.
+
+    Order: sorted by ``sha256(f"{seed}:{doc_id}")``; positions 0, val_every,
+    2*val_every, ... are validation. Deterministic and disjoint; every id lands
+    in exactly one list. ValueError unless both sides get at least one document.
+    """
+    if not isinstance(val_every, int) or val_every < 2:
+        raise ValueError(f"val_every must be an int >= 2 (1 would leave no training docs), got {val_every!r}")
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ValueError("document ids must be unique")
+    if len(doc_ids) < 2:
+        raise ValueError(
+            f"need at least 2 documents to split into train and val, got {len(doc_ids)}; "
+            "split your text into several files (or jsonl lines), one per document"
+        )
+    order = sorted(doc_ids, key=lambda d: hashlib.sha256(f"{seed}:{d}".encode()).hexdigest())
+    val = order[::val_every]
+    val_set = set(val)
+    train = [d for d in order if d not in val_set]
+    return train, val
+
+
+def shard_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """Smallest unsigned dtype for ids in ``[0, vocab_size)``: uint16 up to 65536, else uint32."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def corpus_sha256(docs: dict[str, str]) -> str:
+    """Hash of the corpus content (doc ids and texts, in order)."""
+    h = hashlib.sha256()
+    for doc_id, text in docs.items():
+        for part in (doc_id, text):
+            data = part.encode("utf-8")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+    return h.hexdigest()
+
+
+def _stage_tokenizer(
+    staging: Path,
+    docs: dict[str, str],
+    train_ids: list[str],
+    vocab_size: int,
+    seed: int,
+    tokenizer_model: Path | None,
+) -> Tokenizer:
+    """Put ``tokenizer.model`` in ``staging`` (trained on train docs, or copied) and load it."""
+    target = staging / TOKENIZER_FILE
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, target)
+    else:
+        text_file = staging / "tokenizer_train.txt"
+        text_file.write_text("\n".join(docs[d] for d in train_ids), encoding="utf-8")
+        trained = train_tokenizer([text_file], staging / "tokenizer", vocab_size, seed=seed)
+        text_file.unlink()
+        assert trained == target
+    tok = Tokenizer(target)
+    if tok.eos_id < 0:
+        raise ValueError(
+            f"tokenizer {tokenizer_model} has no eos piece; documents are separated by eos. "
+            "Retrain it with recipe.data.tokenizer.train_tokenizer (eos id 2)"
+        )
+    return tok
+
+
+def _write_shard(path: Path, texts: list[str], tok: Tokenizer, dtype: type) -> int:
+    """Write each text's ids followed by eos to ``path``; return the token count."""
+    total = 0
+    unk = 0
+    with open(path, "wb") as f:
+        for i in range(0, len(texts), _ENCODE_CHUNK_DOCS):
+            encoded = tok.encode_batch(texts[i : i + _ENCODE_CHUNK_DOCS])
+            eos = np.array([tok.eos_id], dtype=np.int64)
+            parts = [a for ids in encoded for a in (np.asarray(ids, dtype=np.int64), eos)]
+            flat = np.concatenate(parts)  # (tokens,) docs back to back, each + eos
+            if flat.size and (flat.min() < 0 or flat.max() >= tok.vocab_size):
+                raise ValueError(f"tokenizer produced ids outside [0, {tok.vocab_size})")
+            unk += int(np.count_nonzero(flat == tok.unk_id))
+            flat.astype(dtype).tofile(f)
+            total += int(flat.size)
+    if unk:
+        print(
+            f"warning: {unk} <unk> tokens in {path.name}; the tokenizer has no byte "
+            "fallback. Train one with recipe.data.tokenizer.train_tokenizer to avoid this",
+            file=sys.stderr,
+        )
+    return total
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move staged files into ``out_dir``: old meta removed first, new meta last."""
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    for name in [f"{s}.bin" for s in SPLITS] + [TOKENIZER_FILE, META_FILE]:
+        os.replace(staging / name, out_dir / name)
+
+
+def _reusable_meta(out_dir: Path, settings: dict, given: Tokenizer | None) -> dict | None:
+    """The existing meta of ``out_dir`` if it is complete and made with ``settings``."""
+    meta = load_meta(out_dir)
+    if meta is None or any(meta.get(k) != v for k, v in settings.items()):
+        return None
+    if given is not None and meta.get("tokenizer_sha256") != given.sha256:
+        return None
+    return meta
+
+
+def load_meta(out_dir: Path) -> dict | None:
+    """Meta of a complete prepared folder, or None if absent/incomplete/inconsistent.
+
+    Complete means: meta.json parses, the shards exist with exactly
+    ``tokens * itemsize`` bytes, and tokenizer.model matches its recorded hash.
+    """
+    meta_path = Path(out_dir) / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in SPLITS:
+            if (Path(out_dir) / f"{split}.bin").stat().st_size != meta[f"{split}_tokens"] * itemsize:
+                return None
+        tok_bytes = (Path(out_dir) / meta["tokenizer_model"]).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if hashlib.sha256(tok_bytes).hexdigest() != meta.get("tokenizer_sha256"):
+        return None
+    return meta
+
+
+def _log(verbose: bool, message: str) -> None:
+    if verbose:
+        print(message, flush=True)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m recipe.data.prepare",
+        description="Tokenize a corpus into train/val token shards (see module docstring).",
+    )
+    parser.add_argument("--source", type=Path, help="a .txt/.jsonl file or a folder of them")
+    parser.add_argument("--out", type=Path, help="output folder for shards and meta.json")
+    parser.add_argument(
+        "--vocab-size", type=int, help=f"tokenizer vocabulary size (--default: {DEFAULT_VOCAB_SIZE})"
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, help="use this SentencePiece .model instead of training one"
+    )
+    parser.add_argument("--val-every", type=int, default=10, help="every N-th document goes to validation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and tokenizer training")
+    parser.add_argument(
+        "--default", action="store_true",
+        help=f"fetch the State of the Union corpus into {DEFAULT_OUT_DIR}/raw and prepare {DEFAULT_OUT_DIR}",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.default:
+        if args.source is not None:
+            parser.error("--default fetches its own corpus; drop --source")
+        args.out = args.out or DEFAULT_OUT_DIR
+        if args.vocab_size is None and args.tokenizer is None:
+            args.vocab_size = DEFAULT_VOCAB_SIZE
+    elif args.source is None or args.out is None:
+        parser.error("pass --source and --out (or --default)")
+    if args.vocab_size is None and args.tokenizer is None:
+        parser.error("pass --vocab-size (or --tokenizer to use an existing model)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    args = _parse_args(argv)
+    try:
+        if args.default:
+            raw_dir = args.out / "raw"
+            fetch_start = time.perf_counter()
+            files = fetch_sotu(raw_dir)
+            print(f"corpus: {len(files)} speeches in {raw_dir} ({time.perf_counter() - fetch_start:.1f} s)")
+            args.source = raw_dir
+        vocab_size = args.vocab_size
+        if vocab_size is None:
+            vocab_size = Tokenizer(args.tokenizer).vocab_size
+        prepare_dataset(args.source, args.out, vocab_size, args.tokenizer, args.val_every, args.seed)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
