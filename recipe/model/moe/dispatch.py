@@ -95,6 +95,22 @@ class AllToAllDispatcher(LocalDispatcher):
         return _AllToAll.apply(y_recv, input_splits, output_splits, self.ep_group)
 
 
+def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> str:
+    """Create DeepSpeed's ``ep_size_{N}`` expert / expert-data-parallel groups once; return the name."""
+    from deepspeed.utils import groups
+
+    world_size = dist.get_world_size()
+    if world_size % ep_size != 0:
+        raise ValueError(
+            f"expert-parallel size {ep_size} must divide the world size {world_size}; "
+            f"set ep_size to a divisor of the number of ranks"
+        )
+    group_name = f"ep_size_{ep_size}"
+    if group_name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel)
+    return group_name
+
+
 def expert_parallel_dispatcher(ep_size: int, use_data_before_expert_parallel: bool = False) -> LocalDispatcher:
     """The dispatcher for an ``ep_size`` layer, creating DeepSpeed's ``ep_size_{N}`` groups on first use.
 
@@ -108,15 +124,7 @@ def expert_parallel_dispatcher(ep_size: int, use_data_before_expert_parallel: bo
         if ep_size > 1:
             raise RuntimeError(f"ep_size={ep_size} needs torch.distributed; launch with the deepspeed launcher")
         return LocalDispatcher()
-    world_size = dist.get_world_size()
-    if world_size % ep_size != 0:
-        raise ValueError(
-            f"expert-parallel size {ep_size} must divide the world size {world_size}; "
-            f"set ep_size to a divisor of the number of ranks"
-        )
-    group_name = f"ep_size_{ep_size}"
-    if group_name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel)
+    group_name = ensure_expert_groups(ep_size, use_data_before_expert_parallel)
     dp_group = groups._get_data_parallel_group()
     if ep_size == 1:
         return LocalDispatcher(dp_group)
@@ -124,17 +132,9 @@ def expert_parallel_dispatcher(ep_size: int, use_data_before_expert_parallel: bo
 
 
 def expert_parallel_rank(ep_size: int) -> int:
-    """This rank's index inside its expert-parallel group (0 without distributed)."""
+    """This rank's index inside its expert-parallel group (0 without distributed); creates the groups."""
     if ep_size == 1 or not dist.is_initialized():
         return 0
     from deepspeed.utils import groups
 
-    return groups._get_expert_parallel_rank(f"ep_size_{ep_size}")
-
-
-def data_parallel_group() -> Optional[object]:
-    if not dist.is_initialized():
-        return None
-    from deepspeed.utils import groups
-
-    return groups._get_data_parallel_group()
+    return groups._get_expert_parallel_rank(ensure_expert_groups(ep_size))

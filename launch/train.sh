@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Launch moe-recipe training through the DeepSpeed launcher.
+#
+# Usage: launch/train.sh [options] [-- extra recipe.train args, e.g. --set model.num_experts=16 --resume]
+#
+# Knobs (flags, or the environment variables in brackets):
+#   --nproc N          ranks per node                                  [NPROC, default 2]
+#   --config FILE      model/train config, InternEvo style               [CONFIG, default recipe/configs/tiny_moe.py]
+#   --ds_config FILE   DeepSpeed JSON: ZeRO stage, precision, ep_size    [DS_CONFIG, default ds_configs/zero2_fp32_ep2.json]
+#   --run_dir DIR      checkpoints, metrics.jsonl, summary.json          [RUN_DIR, default: train.run_dir of the config]
+#   --hostfile FILE    multi-node: DeepSpeed hostfile ("host slots=N" per line); the launcher ssh-es to each host
+#   --nnodes N         multi-node without ssh: start this script on every node with the same
+#   --node_rank R        --nnodes/--master_addr/--master_port and its own --node_rank (0 .. N-1)
+#   --master_addr A    address of node 0 (default 127.0.0.1)             [MASTER_ADDR]
+#   --master_port P    port on node 0 (default 29500)                    [MASTER_PORT]
+#   --python PY        interpreter (default .venv/bin/python if present, else python3)
+#
+# Examples:
+#   launch/train.sh                                              # default tiny MoE, 2 ranks, EP=2, ZeRO-2 fp32
+#   launch/train.sh --nproc 4 --ds_config ds_configs/zero1_bf16_ep2.json -- --set train.steps=200
+#   launch/train.sh --hostfile hosts.txt --nproc 8 --ds_config my_ep8.json       # N nodes x 8 ranks, via ssh
+#   # two nodes without ssh (run one line on each node):
+#   launch/train.sh --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --nproc 8
+#   launch/train.sh --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 --nproc 8
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NPROC=${NPROC:-2}
+CONFIG=${CONFIG:-recipe/configs/tiny_moe.py}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero2_fp32_ep2.json}
+RUN_DIR=${RUN_DIR:-}
+HOSTFILE=""
+NNODES=""
+NODE_RANK=""
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+PY=""
+EXTRA=()
+
+die() { echo "launch/train.sh: $*" >&2; exit 2; }
+need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nproc) need "$@"; NPROC=$2; shift 2 ;;
+    --config) need "$@"; CONFIG=$2; shift 2 ;;
+    --ds_config) need "$@"; DS_CONFIG=$2; shift 2 ;;
+    --run_dir) need "$@"; RUN_DIR=$2; shift 2 ;;
+    --hostfile) need "$@"; HOSTFILE=$2; shift 2 ;;
+    --nnodes) need "$@"; NNODES=$2; shift 2 ;;
+    --node_rank) need "$@"; NODE_RANK=$2; shift 2 ;;
+    --master_addr) need "$@"; MASTER_ADDR=$2; shift 2 ;;
+    --master_port) need "$@"; MASTER_PORT=$2; shift 2 ;;
+    --python) need "$@"; PY=$2; shift 2 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    *) die "unknown option '$1' (see --help; pass recipe.train arguments after --)" ;;
+  esac
+done
+
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$NPROC'"
+[ -f "$CONFIG" ] || die "config '$CONFIG' not found (see recipe/configs/)"
+[ -f "$DS_CONFIG" ] || die "ds_config '$DS_CONFIG' not found (see ds_configs/)"
+[ -z "$HOSTFILE" ] || [ -f "$HOSTFILE" ] || die "hostfile '$HOSTFILE' not found"
+if [ -n "$NNODES" ] || [ -n "$NODE_RANK" ]; then
+  [ -n "$NNODES" ] && [ -n "$NODE_RANK" ] || die "--nnodes and --node_rank go together"
+  [ -z "$HOSTFILE" ] || die "use either --hostfile (ssh launch) or --nnodes/--node_rank (one launcher per node)"
+fi
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+
+ARGS=(--config "$CONFIG" --ds_config "$DS_CONFIG")
+[ -z "$RUN_DIR" ] || ARGS+=(--run_dir "$RUN_DIR")
+LAUNCH=(-m deepspeed.launcher.runner --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+if [ -n "$HOSTFILE" ]; then
+  LAUNCH+=(--hostfile "$HOSTFILE" --num_gpus "$NPROC")
+elif [ -n "$NNODES" ]; then
+  # No ssh: this launcher starts only this node's ranks (--no_ssh + node rank).
+  LAUNCH+=(--no_ssh --num_nodes "$NNODES" --node_rank "$NODE_RANK" --num_gpus "$NPROC")
+else
+  LAUNCH+=(--num_gpus "$NPROC")
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$PY" "${LAUNCH[@]}" --module recipe.train "${ARGS[@]}" "${EXTRA[@]}"

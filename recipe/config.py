@@ -1,0 +1,287 @@
+"""Typed training configuration, loaded from InternEvo-style Python files.
+
+A config file is plain Python with top-level dicts::
+
+    model_type = "INTERNLM_MoE"          # or "INTERNLM" for the dense model
+    model = dict(num_layers=4, hidden_size=128, num_experts=8, moe_gate_k=2, ...)
+    loss = dict(moe_loss_coeff=0.01)
+    data = dict(path="data/sotu", seq_len=128)
+    train = dict(steps=600, eval_every=100, ...)
+
+``load_config`` turns it into a ``RecipeConfig`` of dataclasses. Unknown keys, wrong types and
+inconsistent values raise ``ConfigError`` naming the key and the fix, before any process group starts.
+Upper-case and underscore-prefixed top-level names are free for the file's own constants.
+``--set section.key=value`` overrides (values parsed as Python literals) are applied before validation.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import math
+import runpy
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+MODEL_TYPES = {"INTERNLM_MoE": True, "INTERNLM": False}  # name -> has MoE layers
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    vocab_size: int = 4096
+    max_seq_len: int = 256
+    mlp_ratio: float = 8 / 3  # FFN width = mlp_ratio·hidden_size, rounded up to multiple_of (InternEvo)
+    multiple_of: int = 32
+    intermediate_size: Optional[int] = None  # set explicitly to override mlp_ratio
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    checkpoint: bool = False  # activation checkpointing of every block
+    init_std: float = 0.02
+    # MoE (ignored by dense model types)
+    num_experts: int = 8
+    moe_gate_k: int = 2
+    moe_layer_freq: int = 1  # every n-th block (counting from the last) gets an MoE FFN
+    moe_capacity_factor: float = 1.25
+    moe_eval_capacity_factor: float = 2.0
+    moe_min_capacity: int = 4
+    moe_drop_tokens: bool = True
+    moe_noisy_gate_policy: Optional[str] = None
+    moe_use_rts: bool = False
+    moe_second_expert_policy: str = "argmax"
+    moe_num_shared_experts: int = 0  # dense SwiGLU experts every token goes through, beside the routed ones
+    moe_expert: str = "swiglu"
+    moe_gate: str = "gshard"
+    moe_balance_over_data_parallel: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return self.multiple_of * math.ceil(int(self.hidden_size * self.mlp_ratio) / self.multiple_of)
+
+
+@dataclass
+class LossConfig:
+    moe_loss_coeff: float = 0.01  # loss = nll + moe_loss_coeff · Σ_layers l_aux
+    router_z_loss_coeff: float = 0.0  # + router_z_loss_coeff · Σ_layers z_loss
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/sotu"  # a folder made by `python -m recipe.data.prepare`
+    seq_len: int = 128
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    run_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_last: int = 2
+    resume: bool = False
+    max_bad_steps: int = 5  # consecutive non-finite steps tolerated before stopping
+
+
+@dataclass
+class RecipeConfig:
+    model_type: str = "INTERNLM_MoE"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = ""  # the file it was loaded from
+
+    @property
+    def is_moe(self) -> bool:
+        return MODEL_TYPES[self.model_type]
+
+    def moe_layer_ids(self) -> list[int]:
+        """Blocks whose FFN is an MoE layer (the last block always is, when the model is MoE)."""
+        if not self.is_moe:
+            return []
+        n, freq = self.model.num_layers, self.model.moe_layer_freq
+        return [i for i in range(n) if (n - 1 - i) % freq == 0]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    return "None" if annotation is type(None) else annotation.__name__
+
+
+def _build_section(cls, values: dict, section: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"`{section}` must be a dict, got {type(values).__name__}; write {section} = dict(...)")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f"; did you mean `{section}.{close[0]}`?" if close else f"; known keys: {', '.join(sorted(hints))}"
+            raise ConfigError(f"unknown key `{section}.{key}`{hint}")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(
+                f"`{section}.{key}` must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})"
+            )
+        kwargs[key] = float(value) if hints[key] is float else value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"model.num_experts=8"`` -> ("model", "num_experts", 8); values are Python literals or bare strings."""
+    if "=" not in text:
+        raise ConfigError(f"bad --set {text!r}: expected section.key=value, e.g. --set model.num_experts=8")
+    path, raw = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"bad --set {text!r}: the key must be section.key (sections: {', '.join(SECTIONS)})")
+    section, key = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"bad --set {text!r}: unknown section `{section}` (sections: {', '.join(SECTIONS)})")
+    raw = raw.strip()
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word: a string
+    return section, key, value
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RecipeConfig:
+    """Read a Python config file, apply ``--set`` overrides, validate, return the typed config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass one of recipe/configs/*.py or your own file")
+    try:
+        namespace = runpy.run_path(str(path))
+    except Exception as exc:  # the user's Python failed: say where
+        raise ConfigError(f"config file {path} failed to run: {type(exc).__name__}: {exc}") from exc
+    raw = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or name.isupper() or callable(value) or type(value).__name__ == "module":
+            continue
+        if name not in SECTIONS and name != "model_type":
+            close = difflib.get_close_matches(name, list(SECTIONS) + ["model_type"], n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ConfigError(f"unknown top-level name `{name}` in {path}{hint} "
+                              f"(allowed: model_type, {', '.join(SECTIONS)}; constants must be UPPER_CASE)")
+        raw[name] = dict(value) if isinstance(value, dict) else value
+    return config_from_dict(raw, overrides, source=str(path))
+
+
+def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: str = "") -> RecipeConfig:
+    raw = {name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()}
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    model_type = raw.get("model_type", "INTERNLM_MoE")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {model_type!r}")
+    sections = {name: _build_section(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
+    config = RecipeConfig(model_type=model_type, source=source, **sections)
+    validate(config)
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: RecipeConfig) -> None:
+    """Value checks that need no launch information (world size and EP: ``recipe.ds_config``)."""
+    m, t, d = config.model, config.train, config.data
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len", "multiple_of"):
+        _require(getattr(m, name) > 0, f"`model.{name}` must be > 0, got {getattr(m, name)}")
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"`model.hidden_size` ({m.hidden_size}) must be divisible by `model.num_attention_heads` "
+             f"({m.num_attention_heads})")
+    _require(m.head_dim % 2 == 0, f"head size {m.head_dim} must be even for rotary embeddings; change hidden_size "
+                                  f"or num_attention_heads")
+    _require(m.intermediate_size is None or m.intermediate_size > 0, "`model.intermediate_size` must be > 0 or None")
+    _require(m.mlp_ratio > 0, f"`model.mlp_ratio` must be > 0, got {m.mlp_ratio}")
+    _require(0 < d.seq_len <= m.max_seq_len,
+             f"`data.seq_len` ({d.seq_len}) must be in 1..model.max_seq_len ({m.max_seq_len}); "
+             f"raise model.max_seq_len or lower data.seq_len")
+    if config.is_moe:
+        _require(m.num_experts >= 1, f"`model.num_experts` must be >= 1, got {m.num_experts}")
+        _require(m.moe_gate_k in (1, 2), f"`model.moe_gate_k` must be 1 or 2, got {m.moe_gate_k}")
+        _require(m.moe_gate_k <= m.num_experts,
+                 f"`model.moe_gate_k` ({m.moe_gate_k}) exceeds `model.num_experts` ({m.num_experts}); "
+                 f"lower moe_gate_k or add experts")
+        _require(m.moe_capacity_factor > 0, f"`model.moe_capacity_factor` must be > 0, got {m.moe_capacity_factor}")
+        _require(m.moe_eval_capacity_factor > 0,
+                 f"`model.moe_eval_capacity_factor` must be > 0, got {m.moe_eval_capacity_factor}")
+        _require(m.moe_min_capacity >= 0, f"`model.moe_min_capacity` must be >= 0, got {m.moe_min_capacity}")
+        _require(m.moe_layer_freq >= 1, f"`model.moe_layer_freq` must be >= 1, got {m.moe_layer_freq}")
+        _require(m.moe_num_shared_experts >= 0, "`model.moe_num_shared_experts` must be >= 0")
+        _require(m.moe_noisy_gate_policy in (None, "Jitter", "RSample"),
+                 f"`model.moe_noisy_gate_policy` must be None, 'Jitter' or 'RSample', got {m.moe_noisy_gate_policy!r}")
+        _require(m.moe_second_expert_policy in ("argmax", "sampling"),
+                 f"`model.moe_second_expert_policy` must be 'argmax' or 'sampling', got {m.moe_second_expert_policy!r}")
+    for name in ("moe_loss_coeff", "router_z_loss_coeff"):
+        _require(getattr(config.loss, name) >= 0, f"`loss.{name}` must be >= 0")
+    for name in ("steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps"):
+        _require(getattr(t, name) > 0, f"`train.{name}` must be > 0, got {getattr(t, name)}")
+
+
+def parameter_counts(config: RecipeConfig) -> dict[str, int]:
+    """Total parameters and parameters active per token (routed experts count k of E), whole model."""
+    m = config.model
+    d, f = m.hidden_size, m.ffn_size
+    embed = m.vocab_size * d
+    head = 0 if m.tie_word_embeddings else m.vocab_size * d
+    attention = 4 * d * d
+    norms = 2 * d
+    swiglu = 3 * d * f
+    total = active = embed + head + d  # + final norm
+    moe_layers = set(config.moe_layer_ids())
+    for layer in range(m.num_layers):
+        total += attention + norms
+        active += attention + norms
+        if layer in moe_layers:
+            shared = m.moe_num_shared_experts * swiglu
+            router = d * m.num_experts
+            total += m.num_experts * swiglu + shared + router
+            active += m.moe_gate_k * swiglu + shared + router
+        else:
+            total += swiglu
+            active += swiglu
+    return {"total": total, "active": active}

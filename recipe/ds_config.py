@@ -1,0 +1,116 @@
+"""Reading and checking DeepSpeed JSON files from ds_configs/.
+
+A ds_config is DeepSpeed's own JSON plus one recipe block, removed before DeepSpeed sees it::
+
+    "moe_recipe": {"ep_size": 2}     # expert-parallel size; must divide the number of ranks
+
+Batch sizes live only here: ``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps``;
+the global batch follows from the world size (``train_batch_size``, if given, must agree).
+``"auto"`` in the scheduler's ``total_num_steps`` / ``warmup_num_steps`` is filled from ``train.steps``.
+Combinations DeepSpeed would assert on later (or silently mistrain with) are rejected here, up front.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, RecipeConfig
+
+RECIPE_BLOCK = "moe_recipe"
+RECIPE_KEYS = {"ep_size"}
+
+
+@dataclass
+class DSConfig:
+    path: str
+    deepspeed: dict  # what deepspeed.initialize receives
+    ep_size: int
+    precision: str  # "fp32", "bf16" or "fp16"
+    zero_stage: int
+    micro_batch_size: int
+    grad_accum_steps: int
+
+    def global_batch_size(self, world_size: int) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * world_size
+
+
+def read_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ds_config {path} not found; pick one of ds_configs/*.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"ds_config {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})")
+
+
+def _positive_int(value, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def resolve_ds_config(raw: dict, config: RecipeConfig, world_size: int, path: str = "<dict>") -> DSConfig:
+    """Validate a ds_config against the recipe config and world size; return what DeepSpeed gets."""
+    ds = copy.deepcopy(raw)
+    recipe = ds.pop(RECIPE_BLOCK, {})
+    if not isinstance(recipe, dict) or set(recipe) - RECIPE_KEYS:
+        raise ConfigError(f"{path}: `{RECIPE_BLOCK}` must be an object with keys {sorted(RECIPE_KEYS)}, got {recipe!r}")
+    ep_size = _positive_int(recipe.get("ep_size", 1), f"{path}: {RECIPE_BLOCK}.ep_size")
+
+    if "train_micro_batch_size_per_gpu" not in ds:
+        raise ConfigError(f"{path}: set train_micro_batch_size_per_gpu (batch sizes live in the ds_config)")
+    micro = _positive_int(ds["train_micro_batch_size_per_gpu"], f"{path}: train_micro_batch_size_per_gpu")
+    accum = _positive_int(ds.get("gradient_accumulation_steps", 1), f"{path}: gradient_accumulation_steps")
+    if "train_batch_size" in ds:
+        global_batch = _positive_int(ds["train_batch_size"], f"{path}: train_batch_size")
+        if global_batch != micro * accum * world_size:
+            raise ConfigError(
+                f"{path}: train_batch_size {global_batch} != micro batch {micro} x gradient accumulation {accum} "
+                f"x data-parallel size {world_size} = {micro * accum * world_size}; remove train_batch_size "
+                f"(it is derived) or fix the other two"
+            )
+
+    fp16 = bool(ds.get("fp16", {}).get("enabled", False))
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    if fp16 and bf16:
+        raise ConfigError(f"{path}: fp16 and bf16 are both enabled; enable at most one")
+    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    if fp16:
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise ConfigError(f"{path}: fp16 is not supported on this accelerator "
+                              f"({get_accelerator().device_name()}); use a bf16 or fp32 ds_config")
+
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if config.is_moe:
+        if stage == 3:
+            raise ConfigError(f"{path}: ZeRO stage 3 is not supported with DeepSpeed MoE layers; use stage 0, 1 or 2")
+        if stage == 2 and not (zero.get("contiguous_gradients", True) and zero.get("reduce_scatter", True)):
+            raise ConfigError(f"{path}: ZeRO-2 with MoE needs contiguous_gradients and reduce_scatter true "
+                              f"(DeepSpeed asserts otherwise); set both to true")
+
+    if world_size % ep_size != 0:
+        raise ConfigError(f"{path}: {RECIPE_BLOCK}.ep_size {ep_size} does not divide the world size {world_size}; "
+                          f"launch a multiple of {ep_size} ranks or use a smaller ep_size")
+    if config.is_moe and config.model.num_experts % ep_size != 0:
+        raise ConfigError(f"`model.num_experts` ({config.model.num_experts}) is not divisible by {RECIPE_BLOCK}.ep_size "
+                          f"{ep_size} from {path}; use a multiple of {ep_size} experts or a smaller ep_size")
+    if not config.is_moe and ep_size > 1:
+        raise ConfigError(f"model_type {config.model_type!r} has no experts but {path} sets ep_size={ep_size}; "
+                          f"use an ep_size=1 ds_config for dense models")
+
+    scheduler = ds.get("scheduler", {}).get("params", {})
+    for key in ("total_num_steps", "warmup_num_steps"):
+        if scheduler.get(key) == "auto":
+            scheduler[key] = config.train.steps if key == "total_num_steps" else max(1, config.train.steps // 20)
+    if "optimizer" not in ds:
+        raise ConfigError(f"{path}: declare the optimizer in the ds_config (e.g. AdamW); the recipe builds none itself")
+    return DSConfig(path=str(path), deepspeed=ds, ep_size=ep_size, precision=precision, zero_stage=stage,
+                    micro_batch_size=micro, grad_accum_steps=accum)

@@ -1,0 +1,103 @@
+"""Sample text from a trained run on one process, whatever expert-parallel size it was trained with.
+
+    python -m recipe.generate --run_dir runs/default --prompt "The state of the Union" --num_samples 3
+
+Loads the newest checkpoint (every expert file, global ids) into a 1-process model (ep_size=1) and
+samples with temperature and top-k; the same --seed gives the same text.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import checkpoint_root, consolidated_state_dict
+from .config import RecipeConfig, config_from_dict
+
+DEFAULT_PROMPTS = ("The state of the Union", "Our economy", "In the coming year, we will")
+
+
+def load_model(run_dir: str | Path, tag: Optional[str] = None):
+    """(model in eval mode on CPU, config) from a run directory's checkpoint."""
+    from .model.transformer import TransformerLM
+
+    run_dir = Path(run_dir)
+    state, client = consolidated_state_dict(checkpoint_root(run_dir), tag)
+    config = config_from_saved(client["config"])
+    model = TransformerLM(config, ep_size=1)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.eval(), config
+
+
+def config_from_saved(saved: dict) -> RecipeConfig:
+    return config_from_dict({k: v for k, v in saved.items() if k != "source"}, source=saved.get("source", ""))
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
+           generator: Optional[torch.Generator] = None) -> list[int]:
+    """Autoregressive sampling; temperature 0 is greedy. Returns prompt + new token ids."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    max_len = model.config.model.max_seq_len
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -max_len:]).logits[0, -1].float()  # (V,)
+        if temperature == 0:
+            next_id = logits.argmax()
+        else:
+            logits = logits / temperature
+            if 0 < top_k < logits.numel():
+                threshold = torch.topk(logits, top_k).values[-1]
+                logits = logits.masked_fill(logits < threshold, float("-inf"))
+            next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[0]
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    return ids[0].tolist()
+
+
+def print_samples(run_dir: str | Path, num_samples: int = 3, prompts: Optional[list[str]] = None,
+                  max_new_tokens: int = 60, temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> list[str]:
+    from .data.tokenizer import Tokenizer
+
+    run_dir = Path(run_dir)
+    tokenizer_path = run_dir / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{tokenizer_path} not found; it is copied there when training starts")
+    tokenizer = Tokenizer(tokenizer_path)
+    model, _ = load_model(run_dir)
+    generator = torch.Generator().manual_seed(seed)
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    texts = []
+    for i in range(num_samples):
+        prompt = prompts[i % len(prompts)]
+        ids = sample(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k, generator)
+        text = tokenizer.decode(ids)
+        texts.append(text)
+        print(f"--- sample {i + 1} ---\n{text}\n", flush=True)
+    return texts
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="recipe.generate", description="Sample text from a trained run.")
+    parser.add_argument("--run_dir", default="runs/default")
+    parser.add_argument("--prompt", action="append", help="prompt text (repeatable); default: three built-in ones")
+    parser.add_argument("--num_samples", type=int, default=3)
+    parser.add_argument("--max_new_tokens", type=int, default=60)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top_k", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        print_samples(args.run_dir, args.num_samples, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                      args.seed)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

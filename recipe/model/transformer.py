@@ -1,0 +1,189 @@
+"""Decoder-only transformer LM whose FFN slots are dense SwiGLU or MoE layers. No torch.distributed here.
+
+    tokens (B, T) -> embedding -> N x [x + attn(norm(x)); x + ffn(norm(x))] -> norm -> lm_head -> logits (B, T, V)
+
+``forward`` returns an ``LMOutput`` with the next-token loss and the sums over MoE layers of the
+balancing loss and router z-loss; the trainer combines them as
+``lm_loss + moe_loss_coeff · moe_loss + router_z_loss_coeff · z_loss``.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import RecipeConfig
+from .moe import MoE, RoutingStats, SwiGLU
+from .moe.experts import EXPERT_KEY_PREFIX
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    lm_loss: Optional[torch.Tensor]  # () mean next-token cross-entropy, None without targets
+    moe_loss: torch.Tensor  # () Σ_layers l_aux (0 for dense models)
+    z_loss: torch.Tensor  # () Σ_layers router z-loss
+    routing: list[RoutingStats]  # one per MoE layer, in layer order
+    moe_layer_losses: list[torch.Tensor]  # l_aux of each MoE layer (detached), in layer order
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, head_dim/2) for rotary position embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, H, T, D) by the position angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.wqkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.wo = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.wqkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, config: RecipeConfig, use_moe: bool, ep_size: int):
+        super().__init__()
+        m = config.model
+        self.attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.attention = CausalSelfAttention(m.hidden_size, m.num_attention_heads)
+        self.ffn_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.shared_mlp = None
+        if use_moe:
+            self.ffn = MoE(
+                m.hidden_size, m.num_experts, k=m.moe_gate_k, capacity_factor=m.moe_capacity_factor,
+                eval_capacity_factor=m.moe_eval_capacity_factor, min_capacity=m.moe_min_capacity,
+                drop_tokens=m.moe_drop_tokens, ep_size=ep_size, intermediate_size=m.ffn_size, expert=m.moe_expert,
+                gate=m.moe_gate, noisy_gate_policy=m.moe_noisy_gate_policy, use_rts=m.moe_use_rts,
+                second_expert_policy=m.moe_second_expert_policy,
+                balance_over_data_parallel=m.moe_balance_over_data_parallel,
+            )
+            if m.moe_num_shared_experts > 0:
+                # Kept outside the MoE module: DeepSpeed's expert checkpoint treats any key there with
+                # "expert" in its name as a routed expert.
+                self.shared_mlp = SwiGLU(m.hidden_size, m.ffn_size * m.moe_num_shared_experts)
+        else:
+            self.ffn = SwiGLU(m.hidden_size, m.ffn_size)
+
+    def forward(self, x, cos, sin, token_mask):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        zero = x.new_zeros((), dtype=torch.float32)
+        if isinstance(self.ffn, MoE):
+            moe = self.ffn(h, token_mask)
+            out, l_aux, z_loss, stats = moe.output, moe.l_aux, moe.z_loss, moe.stats
+            if self.shared_mlp is not None:
+                out = out + self.shared_mlp(h)
+        else:
+            out, l_aux, z_loss, stats = self.ffn(h), zero, zero, None
+        return x + out, l_aux, z_loss, stats
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: RecipeConfig, ep_size: int = 1):
+        super().__init__()
+        m = config.model
+        self.config = config
+        self.embedding = nn.Embedding(m.vocab_size, m.hidden_size)
+        moe_layers = set(config.moe_layer_ids())
+        self.blocks = nn.ModuleList(Block(config, i in moe_layers, ep_size) for i in range(m.num_layers))
+        self.norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.lm_head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
+        if m.tie_word_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        cos, sin = rotary_tables(m.max_seq_len, m.head_dim, m.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, ep_rank: int = 0) -> None:
+        """Initialise every weight from a generator keyed by its global name and ``seed``.
+
+        Expert weights are keyed by their global expert id, so a model split over any number of
+        expert-parallel ranks starts from exactly the weights of the unsplit model.
+        Normal(0, init_std) everywhere, scaled by 1/sqrt(2·num_layers) on the projections that write
+        into the residual stream (attention ``wo``, FFN ``w2``); RMSNorm weights are 1.
+        """
+        m = self.config.model
+        residual_std = m.init_std / math.sqrt(2 * m.num_layers)
+        for name, tensor in self.state_dict(keep_vars=True).items():
+            if name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+                continue
+            global_name = _global_expert_name(name, ep_rank, self)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
+            std = residual_std if name.endswith(("wo.weight", "w2.weight")) else m.init_std
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None) -> LMOutput:
+        B, T = tokens.shape
+        if T > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len {self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embedding(tokens)  # (B, T, C)
+        moe_loss = x.new_zeros((), dtype=torch.float32)
+        z_loss = x.new_zeros((), dtype=torch.float32)
+        routing, layer_losses = [], []
+        for block in self.blocks:
+            if self.config.model.checkpoint and self.training:
+                x, l_aux, z, stats = checkpoint(block, x, cos, sin, token_mask, use_reentrant=False)
+            else:
+                x, l_aux, z, stats = block(x, cos, sin, token_mask)
+            moe_loss = moe_loss + l_aux
+            z_loss = z_loss + z
+            if stats is not None:
+                routing.append(stats)
+                layer_losses.append(l_aux.detach())
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        lm_loss = None
+        if targets is not None:
+            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100)
+        return LMOutput(logits=logits, lm_loss=lm_loss, moe_loss=moe_loss, z_loss=z_loss, routing=routing,
+                        moe_layer_losses=layer_losses)
+
+
+def _global_expert_name(name: str, ep_rank: int, model: TransformerLM) -> str:
+    """``...deepspeed_experts.{local}.w1.weight`` -> the same key with the global expert id."""
+    marker = f".{EXPERT_KEY_PREFIX}."
+    if marker not in name:
+        return name
+    head, tail = name.split(marker, 1)
+    local_id, rest = tail.split(".", 1)
+    num_local = model.get_submodule(head.rsplit(".deepspeed_moe", 1)[0]).num_local_experts
+    return f"{head}{marker}{ep_rank * num_local + int(local_id)}.{rest}"

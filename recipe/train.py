@@ -1,0 +1,366 @@
+"""Train an MoE (or dense) language model with the DeepSpeed engine.
+
+Run by the deepspeed launcher (see launch/train.sh)::
+
+    deepspeed --num_gpus 2 -m recipe.train --config recipe/configs/tiny_moe.py \
+        --ds_config ds_configs/zero2_fp32_ep2.json --set train.steps=100
+
+Everything is validated before the process group starts. Each rank then trains on its shard of every
+global batch; rank 0 writes ``<run_dir>/metrics.jsonl`` (one JSON object per logged step or eval)
+and ``<run_dir>/summary.json`` at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, RecipeConfig, load_config, parameter_counts
+from .ds_config import DSConfig, read_ds_config, resolve_ds_config
+
+DEFAULT_CONFIG = "recipe/configs/tiny_moe.py"
+DEFAULT_DS_CONFIG = "ds_configs/zero2_fp32_ep2.json"
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="recipe.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="Python model/train config (recipe/configs/*.py)")
+    parser.add_argument("--ds_config", default=DEFAULT_DS_CONFIG, help="DeepSpeed JSON (ds_configs/*.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set model.num_experts=16 (repeatable)")
+    parser.add_argument("--run_dir", help="where checkpoints and metrics go (default: train.run_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+    parser.add_argument("--samples", type=int, default=0, help="print this many generated samples at the end")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Setup:
+    config: RecipeConfig
+    ds: DSConfig
+    run_dir: Path
+    world_size: int
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """All checks that need no process group: config, ds_config, data, run dir. Raises ConfigError."""
+    overrides = list(args.set)
+    if args.run_dir:
+        overrides.append(f"train.run_dir={args.run_dir!r}")
+    if args.resume:
+        overrides.append("train.resume=True")
+    config = load_config(args.config, overrides)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ds = resolve_ds_config(read_ds_config(args.ds_config), config, world_size, args.ds_config)
+
+    from .data.loader import TokenDataset
+
+    try:
+        train_data = TokenDataset(Path(config.data.path), "train")
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    if train_data.vocab_size != config.model.vocab_size:
+        raise ConfigError(
+            f"`model.vocab_size` ({config.model.vocab_size}) differs from the tokenizer of {config.data.path} "
+            f"({train_data.vocab_size}); set model.vocab_size={train_data.vocab_size} or prepare the data again"
+        )
+    samples = (train_data.num_tokens - 1) // config.data.seq_len
+    if samples < ds.micro_batch_size * world_size:
+        raise ConfigError(
+            f"{config.data.path} holds {samples} sequences of {config.data.seq_len} tokens, fewer than one global "
+            f"micro-batch ({ds.micro_batch_size} x {world_size} ranks); lower data.seq_len or the micro batch"
+        )
+
+    run_dir = Path(config.train.run_dir)
+    from .checkpoint import checkpoint_root, latest_tag
+
+    has_checkpoint = checkpoint_root(run_dir).is_dir() and any(checkpoint_root(run_dir).iterdir())
+    if config.train.resume:
+        if latest_tag(run_dir) is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {checkpoint_root(run_dir)}; "
+                              f"train without --resume first")
+        saved = json.loads((run_dir / "config.json").read_text())["config"]
+        mismatched = [key for key in ("model_type", "model") if saved[key] != config.to_dict()[key]]
+        if mismatched:
+            diff = {k: (saved["model"][k], v) for k, v in config.to_dict()["model"].items() if saved["model"].get(k) != v}
+            raise ConfigError(
+                f"--resume into {run_dir}, which was trained with another model config "
+                f"(saved vs now: {diff or saved['model_type']}); use the same config or a new --run_dir"
+            )
+    elif has_checkpoint:
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another "
+                          f"--run_dir (nothing was overwritten)")
+    return Setup(config=config, ds=ds, run_dir=run_dir, world_size=world_size)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms); DeepSpeed then splits out the expert parameters."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+class RoutingTally:
+    """Sums routing statistics of every MoE layer over micro-steps; reduced over ranks when logged."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.kept = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.first_choice = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.figures = torch.zeros(num_layers, 4, dtype=torch.float64)  # tokens, pairs, entropy·tokens, l_aux
+        self.calls = 0
+
+    def add(self, routing, l_aux_per_layer) -> None:
+        for layer, (stats, l_aux) in enumerate(zip(routing, l_aux_per_layer)):
+            self.kept[layer] += stats.tokens_per_expert.double().cpu()
+            self.first_choice[layer] += stats.first_choice_count.double().cpu()
+            self.figures[layer] += torch.tensor([stats.num_tokens, stats.num_tokens * stats.k,
+                                                 float(stats.router_entropy) * stats.num_tokens, float(l_aux)],
+                                                dtype=torch.float64)
+        self.calls += 1
+
+    def reduce_and_reset(self, all_reduce) -> list[dict]:
+        packed = all_reduce(torch.cat([self.kept, self.first_choice, self.figures], dim=1))
+        num_experts = self.kept.shape[1]
+        kept, figures = packed[:, :num_experts], packed[:, 2 * num_experts:]
+        world_calls = max(all_reduce(torch.tensor([float(self.calls)], dtype=torch.float64)).item(), 1.0)
+        layers = []
+        for layer in range(kept.shape[0]):
+            tokens, pairs, entropy_sum, l_aux_sum = figures[layer].tolist()
+            load = kept[layer]
+            layers.append({
+                "layer": layer,
+                "tokens_per_expert": [int(v) for v in load.tolist()],
+                "drop_fraction": 0.0 if pairs == 0 else 1.0 - load.sum().item() / pairs,
+                "l_aux": l_aux_sum / world_calls,
+                "router_entropy": entropy_sum / max(tokens, 1.0),
+                "max_over_mean_load": load.max().item() / max(load.mean().item(), 1e-9),
+            })
+        self.kept.zero_(), self.first_choice.zero_(), self.figures.zero_()
+        self.calls = 0
+        return layers
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run = setup(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return train(run, samples=args.samples)
+
+
+def train(run: Setup, samples: int = 0) -> int:
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from .checkpoint import (checkpoint_root, latest_tag, load_recipe_state, prune, rng_state, save_recipe_state,
+                             set_rng_state, step_tag)
+    from .data.loader import BatchLoader, TokenDataset, eval_batches
+    from .model.moe.dispatch import expert_parallel_rank
+    from .model.transformer import TransformerLM
+
+    config, ds, run_dir = run.config, run.ds, run.run_dir
+    accelerator = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+    torch.manual_seed(config.train.seed * 1000 + rank)  # per-rank stream for routing noise, if enabled
+
+    def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+        reduced = tensor.clone()
+        dist.all_reduce(reduced)
+        return reduced
+
+    def log(message: str) -> None:
+        if is_main:
+            print(message, flush=True)
+
+    # ---- model, engine, data ----
+    ep_rank = expert_parallel_rank(ds.ep_size) if config.is_moe else 0  # creates DeepSpeed's EP groups
+    model = TransformerLM(config, ep_size=ds.ep_size)
+    model.init_weights(config.train.seed, ep_rank)
+    weight_decay = ds.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+                                                   config=ds.deepspeed)
+    device = engine.device
+    train_data = TokenDataset(Path(config.data.path), "train")
+    val_data = TokenDataset(Path(config.data.path), "val")
+    loader = BatchLoader(train_data, config.data.seq_len, ds.micro_batch_size, rank, world_size, seed=config.data.seed)
+    counts = parameter_counts(config)
+
+    start_step = 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if config.train.resume:
+        tag = latest_tag(run_dir)
+        own = load_recipe_state(run_dir, tag, rank)
+        if own["world_size"] != world_size or own["ep_size"] != ds.ep_size:
+            raise SystemExit(f"error: checkpoint {tag} was saved with {own['world_size']} ranks and ep_size "
+                             f"{own['ep_size']}; resume with the same layout")
+        engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
+        loader.load_state_dict(own["loader"])
+        set_rng_state(own["rng"])
+        start_step = own["step"]
+        log(f"resumed from {tag} (step {start_step})")
+    elif is_main:
+        (run_dir / "metrics.jsonl").write_text("")
+        (run_dir / "config.json").write_text(json.dumps(
+            {"config": config.to_dict(), "ds_config": ds.deepspeed, "ds_config_path": ds.path, "ep_size": ds.ep_size,
+             "world_size": world_size}, indent=2))
+    if is_main:
+        import shutil
+
+        tokenizer = Path(config.data.path) / "tokenizer.model"
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, run_dir / "tokenizer.model")
+
+    def write_metrics(record: dict) -> None:
+        if is_main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if engine.monitor.enabled:
+            engine.monitor.write_events([(f"moe_recipe/{k}", v, record["step"]) for k, v in record.items()
+                                         if isinstance(v, (int, float)) and k != "step"])
+
+    def evaluate(step: int) -> float:
+        engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for x, y in eval_batches(val_data, config.data.seq_len, ds.micro_batch_size, rank, world_size,
+                                     max_batches=config.train.eval_batches):
+                out = engine(x.to(device), y.to(device))
+                totals += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()], dtype=torch.float64)
+        engine.train()
+        total_loss, total_tokens = all_reduce(totals).tolist()
+        val_loss = total_loss / max(total_tokens, 1)
+        write_metrics({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+        log(f"eval step {step}: val_loss {val_loss:.4f} ppl {math.exp(min(val_loss, 50)):.1f}")
+        return val_loss
+
+    def save(step: int) -> None:
+        tag = step_tag(step)
+        (checkpoint_root(run_dir) / tag).mkdir(parents=True, exist_ok=True)
+        # Our per-rank state first: `latest` names the tag only once the engine has written everything.
+        save_recipe_state(run_dir, tag, rank, {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
+                                                "world_size": world_size, "ep_size": ds.ep_size})
+        engine.save_checkpoint(str(checkpoint_root(run_dir)), tag=tag, client_state={"step": step,
+                                                                                      "config": config.to_dict()})
+        dist.barrier()
+        if is_main:
+            prune(run_dir, config.train.keep_last)
+
+    # ---- training loop ----
+    gas, tokens_per_step = ds.grad_accum_steps, ds.global_batch_size(world_size) * config.data.seq_len
+    loss_coeff, z_coeff = config.loss.moe_loss_coeff, config.loss.router_z_loss_coeff
+    tally = RoutingTally(len(model.moe_layers()), config.model.num_experts) if config.is_moe else None
+    running = torch.zeros(5, dtype=torch.float64)  # loss, lm, moe, z, micro-steps (since last log)
+    bad_steps, val_loss = 0, float("nan")
+    last_log_time, last_log_step, started = time.time(), start_step, time.time()
+    progress = None
+    if is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=config.train.steps, initial=start_step, unit="step", dynamic_ncols=True)
+    log(f"training {config.model_type} ({counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active) "
+        f"on {world_size} ranks, ep_size {ds.ep_size}, ZeRO-{ds.zero_stage} {ds.precision}, "
+        f"{tokens_per_step} tokens/step, steps {start_step + 1}..{config.train.steps}")
+
+    for step in range(start_step + 1, config.train.steps + 1):
+        # -- one optimizer step: gas micro-batches, each forward / backward / engine.step() --
+        for _ in range(gas):
+            x, y = loader.next_batch()
+            out = engine(x.to(device), y.to(device))
+            loss = out.lm_loss + loss_coeff * out.moe_loss + z_coeff * out.z_loss
+            finite = all_reduce(torch.tensor([float(torch.isfinite(loss).item())])).item() == world_size
+            if not finite:  # every rank skips this micro-batch, so collectives stay matched
+                bad_steps += 1
+                if bad_steps >= config.train.max_bad_steps:
+                    log(f"error: {bad_steps} consecutive non-finite losses at step {step}; stopping. The last "
+                        f"checkpoint in {checkpoint_root(run_dir)} is intact; lower the learning rate and --resume")
+                    return 3
+                continue
+            bad_steps = 0
+            engine.backward(loss)
+            engine.step()
+            running += torch.tensor([loss.item(), out.lm_loss.item(), out.moe_loss.item(), out.z_loss.item(), 1.0],
+                                    dtype=torch.float64)
+            if tally is not None:
+                tally.add(out.routing, out.moe_layer_losses)
+
+        if progress is not None:
+            progress.update(1)
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            sums = all_reduce(running)
+            n = max(sums[4].item(), 1.0)
+            now = time.time()
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": step, "loss": sums[0].item() / n, "lm_loss": sums[1].item() / n, "moe_loss": sums[2].item() / n,
+                "z_loss": sums[3].item() / n, "lr": scheduler.get_last_lr()[0] if scheduler else engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": tokens_per_step * (step - last_log_step) / max(now - last_log_time, 1e-9),
+                "elapsed_s": now - started,
+            }
+            if tally is not None:
+                record["moe"] = tally.reduce_and_reset(all_reduce)
+            write_metrics(record)
+            if progress is not None:
+                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            else:
+                log(f"step {step}/{config.train.steps} loss {record['loss']:.4f} lm {record['lm_loss']:.4f} "
+                    f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s")
+            running.zero_()
+            last_log_time, last_log_step = now, step
+        if step % config.train.eval_every == 0 or step == config.train.steps:
+            val_loss = evaluate(step)
+        if step % config.train.save_every == 0 or step == config.train.steps:
+            save(step)
+
+    if progress is not None:
+        progress.close()
+    wall = time.time() - started
+    summary = {
+        "steps": config.train.steps, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+        "tokens_seen": tokens_per_step * config.train.steps, "tokens_per_s": tokens_per_step * (
+            config.train.steps - start_step) / max(wall, 1e-9),
+        "total_params": counts["total"], "active_params": counts["active"], "wall_s": wall,
+        "world_size": world_size, "ep_size": ds.ep_size, "zero_stage": ds.zero_stage, "precision": ds.precision,
+        "param_dtype": str(next(engine.module.parameters()).dtype).replace("torch.", ""),
+    }
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log(summary_table(summary))
+    dist.barrier()
+    if samples > 0 and is_main:
+        from .generate import print_samples
+
+        print_samples(run_dir, num_samples=samples)
+    dist.barrier()
+    return 0
+
+
+def summary_table(summary: dict) -> str:
+    rows = [
+        ("val loss", f"{summary['val_loss']:.4f}"), ("perplexity", f"{summary['val_ppl']:.1f}"),
+        ("tokens seen", f"{summary['tokens_seen']:,}"), ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+        ("params (total)", f"{summary['total_params'] / 1e6:.2f}M"),
+        ("params (active/token)", f"{summary['active_params'] / 1e6:.2f}M"), ("wall time", f"{summary['wall_s']:.0f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(["-" * (width + 16)] + [f"{name:<{width}}  {value:>12}" for name, value in rows] + ["-" * (width + 16)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
