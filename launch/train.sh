@@ -72,14 +72,16 @@ fi
 
 ARGS=(--config "$CONFIG" --ds_config "$DS_CONFIG")
 [ -z "$RUN_DIR" ] || ARGS+=(--run_dir "$RUN_DIR")
-LAUNCH=(-m deepspeed.launcher.runner --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-if [ -n "$HOSTFILE" ]; then
-  LAUNCH+=(--hostfile "$HOSTFILE" --num_gpus "$NPROC")
-elif [ -n "$NNODES" ]; then
-  # No ssh: this launcher starts only this node's ranks (--no_ssh + node rank).
-  LAUNCH+=(--no_ssh --num_nodes "$NNODES" --node_rank "$NODE_RANK" --num_gpus "$NPROC")
+if [ -n "$NNODES" ]; then
+  [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "--nnodes must be a positive integer, got '$NNODES'"
+  [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] || die "--node_rank must be in 0..$((NNODES - 1))"
+  # No ssh: DeepSpeed's per-node launcher starts this node's ranks; world_info lists every node's slots.
+  WORLD_INFO=$("$PY" -c 'import base64, json, sys; n, p = int(sys.argv[1]), int(sys.argv[2]); print(base64.urlsafe_b64encode(json.dumps({f"node{i}": list(range(p)) for i in range(n)}).encode()).decode())' "$NNODES" "$NPROC")
+  LAUNCH=(-m deepspeed.launcher.launch --world_info "$WORLD_INFO" --node_rank "$NODE_RANK"
+          --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 else
-  LAUNCH+=(--num_gpus "$NPROC")
+  LAUNCH=(-m deepspeed.launcher.runner --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --num_gpus "$NPROC")
+  [ -z "$HOSTFILE" ] || LAUNCH+=(--hostfile "$HOSTFILE")
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -99,6 +99,8 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = False
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before stopping
+    wandb: str = "offline"  # "offline" (no account or network needed), "online" or "disabled"
+    wandb_project: str = "moe-recipe"
 
 
 @dataclass
@@ -258,6 +260,8 @@ def validate(config: RecipeConfig) -> None:
                  f"`model.moe_second_expert_policy` must be 'argmax' or 'sampling', got {m.moe_second_expert_policy!r}")
     for name in ("moe_loss_coeff", "router_z_loss_coeff"):
         _require(getattr(config.loss, name) >= 0, f"`loss.{name}` must be >= 0")
+    _require(t.wandb in ("offline", "online", "disabled"),
+             f"`train.wandb` must be 'offline', 'online' or 'disabled', got {t.wandb!r}")
     for name in ("steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps"):
         _require(getattr(t, name) > 0, f"`train.{name}` must be > 0, got {getattr(t, name)}")
 

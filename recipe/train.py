@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 
 from .config import ConfigError, RecipeConfig, load_config, parameter_counts
 from .ds_config import DSConfig, read_ds_config, resolve_ds_config
+from .metrics import MetricsWriter, expert_load_heatmap
 
 DEFAULT_CONFIG = "recipe/configs/tiny_moe.py"
 DEFAULT_DS_CONFIG = "ds_configs/zero2_fp32_ep2.json"
@@ -183,9 +185,14 @@ def train(run: Setup, samples: int = 0) -> int:
         dist.all_reduce(reduced)
         return reduced
 
+    progress = None  # tqdm bar on rank 0 when stderr is a terminal; plain log lines otherwise
+
     def log(message: str) -> None:
         if is_main:
-            print(message, flush=True)
+            if progress is not None:
+                progress.write(message)
+            else:
+                print(message, flush=True)
 
     # ---- model, engine, data ----
     ep_rank = expert_parallel_rank(ds.ep_size) if config.is_moe else 0  # creates DeepSpeed's EP groups
@@ -215,37 +222,40 @@ def train(run: Setup, samples: int = 0) -> int:
         start_step = own["step"]
         log(f"resumed from {tag} (step {start_step})")
     elif is_main:
-        (run_dir / "metrics.jsonl").write_text("")
         (run_dir / "config.json").write_text(json.dumps(
             {"config": config.to_dict(), "ds_config": ds.deepspeed, "ds_config_path": ds.path, "ep_size": ds.ep_size,
              "world_size": world_size}, indent=2))
     if is_main:
-        import shutil
-
         tokenizer = Path(config.data.path) / "tokenizer.model"
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, run_dir / "tokenizer.model")
-
-    def write_metrics(record: dict) -> None:
-        if is_main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if engine.monitor.enabled:
-            engine.monitor.write_events([(f"moe_recipe/{k}", v, record["step"]) for k, v in record.items()
-                                         if isinstance(v, (int, float)) and k != "step"])
+    metrics = MetricsWriter(run_dir, is_main, monitor=engine.monitor, wandb_mode=config.train.wandb,
+                            wandb_project=config.train.wandb_project, run_config=config.to_dict(),
+                            resume_step=start_step if config.train.resume else None)
 
     def evaluate(step: int) -> float:
         engine.eval()
         totals = torch.zeros(2, dtype=torch.float64)
+        eval_tally = RoutingTally(len(model.moe_layers()), config.model.num_experts) if config.is_moe else None
         with torch.no_grad():
             for x, y in eval_batches(val_data, config.data.seq_len, ds.micro_batch_size, rank, world_size,
                                      max_batches=config.train.eval_batches):
                 out = engine(x.to(device), y.to(device))
                 totals += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()], dtype=torch.float64)
+                if eval_tally is not None:
+                    eval_tally.add(out.routing, out.moe_layer_losses)
         engine.train()
         total_loss, total_tokens = all_reduce(totals).tolist()
         val_loss = total_loss / max(total_tokens, 1)
-        write_metrics({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+        record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        if eval_tally is not None:
+            layers = eval_tally.reduce_and_reset(all_reduce)
+            if is_main:
+                heatmap = run_dir / f"expert_load_step{step:08d}.png"
+                expert_load_heatmap([layer["tokens_per_expert"] for layer in layers], heatmap,
+                                    f"expert load on validation, step {step}")
+                record["heatmap"] = heatmap.name
+        metrics.write(record)
         log(f"eval step {step}: val_loss {val_loss:.4f} ppl {math.exp(min(val_loss, 50)):.1f}")
         return val_loss
 
@@ -268,7 +278,6 @@ def train(run: Setup, samples: int = 0) -> int:
     running = torch.zeros(5, dtype=torch.float64)  # loss, lm, moe, z, micro-steps (since last log)
     bad_steps, val_loss = 0, float("nan")
     last_log_time, last_log_step, started = time.time(), start_step, time.time()
-    progress = None
     if is_main and sys.stderr.isatty():
         from tqdm import tqdm
 
@@ -315,7 +324,7 @@ def train(run: Setup, samples: int = 0) -> int:
             }
             if tally is not None:
                 record["moe"] = tally.reduce_and_reset(all_reduce)
-            write_metrics(record)
+            metrics.write(record)
             if progress is not None:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             else:
@@ -339,6 +348,7 @@ def train(run: Setup, samples: int = 0) -> int:
         "world_size": world_size, "ep_size": ds.ep_size, "zero_stage": ds.zero_stage, "precision": ds.precision,
         "param_dtype": str(next(engine.module.parameters()).dtype).replace("torch.", ""),
     }
+    metrics.close()
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log(summary_table(summary))

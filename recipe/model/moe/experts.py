@@ -17,6 +17,7 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 EXPERT_KEY_PREFIX = "deepspeed_experts"
 
@@ -99,16 +100,104 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype, hidden_size: int, int
         return False
 
 
+def prefer_grouped_mm(device_type: str, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> bool:
+    """The automatic choice between ``torch._grouped_mm`` and the fused per-expert loop.
+
+    On CPU ``_grouped_mm`` is itself a loop of matmuls, and the fused loop (``_SwiGLUBlocks``) beats it
+    (bench/layer_bench.py, "path" rows): it keeps each expert's block in cache, saves half the activations
+    and writes weight gradients in place. Elsewhere grouped GEMM is used wherever it works.
+    """
+    if device_type == "cpu":
+        return False
+    return grouped_mm_works(device_type, dtype, hidden_size, intermediate_size)
+
+
 def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous()
+
+
+def _nt(weight: torch.Tensor, transpose_copy: bool) -> torch.Tensor:
+    """``weight`` as the right operand of ``a @ weight``: for reduced precision on CPU, a transposed copy
+    read back transposed, because oneDNN/MKL's bf16 GEMM is several times faster in "A·Bᵀ" layout."""
+    return weight.t().contiguous().t() if transpose_copy else weight
+
+
+class _SwiGLUBlocks(torch.autograd.Function):
+    """Stacked SwiGLU experts over contiguous row blocks, one expert at a time, memory-lean.
+
+    forward:  a = x·w1ᵀ, b = x·w3ᵀ, y = (silu(a)·b)·w2ᵀ per block; saves only x, a and b
+              (autograd of the plain expression keeps x, a, silu(a), b and the product).
+    backward: recomputes silu(a) and the product block by block (cheap, cache-resident) and writes
+              each expert's weight gradient straight into its slice of the stacked gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x_NM, w1, w3, w2, counts: list[int]):
+        num_rows = x_NM.shape[0]
+        inter = w1.shape[1]
+        a_NF = x_NM.new_empty(num_rows, inter)
+        b_NF = x_NM.new_empty(num_rows, inter)
+        y_NM = x_NM.new_empty(num_rows, w2.shape[1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            x_nM = x_NM[rows]
+            a_nF = torch.mm(x_nM, w1[e].t(), out=a_NF[rows])
+            b_nF = torch.mm(x_nM, w3[e].t(), out=b_NF[rows])
+            h_nF = F.silu(a_nF).mul_(b_nF)
+            torch.mm(h_nF, w2[e].t(), out=y_NM[rows])
+            start += n
+        ctx.counts = counts
+        ctx.save_for_backward(x_NM, a_NF, b_NF, w1, w3, w2)
+        return y_NM
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_NM):
+        x_NM, a_NF, b_NF, w1, w3, w2 = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
+        g_NM = g_NM.contiguous()
+        transpose_copy = g_NM.device.type == "cpu" and g_NM.dtype != torch.float32
+        dx_NM = torch.empty_like(x_NM) if need_x else None
+        dw1 = torch.empty_like(w1) if need_w1 else None
+        dw3 = torch.empty_like(w3) if need_w3 else None
+        dw2 = torch.empty_like(w2) if need_w2 else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:  # an expert without tokens gets a zero gradient
+                for grad in (dw1, dw3, dw2):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            start += n
+            x_nM, a_nF, b_nF, g_nM = x_NM[rows], a_NF[rows], b_NF[rows], g_NM[rows]
+            s_nF = F.silu(a_nF)
+            if need_w2:
+                torch.mm(g_nM.t(), s_nF * b_nF, out=dw2[e])  # (M, F) = gᵀ·h
+            dh_nF = torch.mm(g_nM, _nt(w2[e], transpose_copy))  # (n, F)
+            db_nF = s_nF.mul_(dh_nF)  # d/db = dh·silu(a); s is not needed after this
+            da_nF = torch.ops.aten.silu_backward(dh_nF.mul_(b_nF), a_nF)  # dh·b·silu'(a)
+            if need_w1:
+                torch.mm(da_nF.t(), x_nM, out=dw1[e])
+            if need_w3:
+                torch.mm(db_nF.t(), x_nM, out=dw3[e])
+            if need_x:
+                dx_nM = torch.mm(da_nF, _nt(w1[e], transpose_copy), out=dx_NM[rows])
+                dx_nM.addmm_(db_nF, _nt(w3[e], transpose_copy))
+        return dx_NM, dw1, dw3, dw2, None
 
 
 class SwiGLUExperts(nn.Module):
     """All local SwiGLU experts in stacked weights, run with one grouped GEMM per projection.
 
     ``w1, w3``: (E_local, F, M); ``w2``: (E_local, M, F), each slice laid out like ``nn.Linear.weight``.
-    With ``torch._grouped_mm`` unavailable for the device/dtype/shape, a per-expert loop over the
-    same weights runs instead (``use_grouped_mm`` forces either path; tests compare them).
+    Two interchangeable paths (tests compare them): ``torch._grouped_mm`` with plain autograd, and a
+    fused per-expert loop (``_SwiGLUBlocks``) that keeps fewer activations. ``use_grouped_mm=None``
+    picks per device (``prefer_grouped_mm``: the loop on CPU, grouped GEMM where it works elsewhere);
+    True/False forces a path.
     The state dict shows per-expert keys ``deepspeed_experts.{i}.w1.weight`` etc., the same keys a
     ``ModuleListExperts`` of ``SwiGLU`` has, so checkpoints move freely between the two.
     """
@@ -136,7 +225,7 @@ class SwiGLUExperts(nn.Module):
     def _grouped(self, x_NM: torch.Tensor) -> bool:
         if self.use_grouped_mm is not None:
             return self.use_grouped_mm
-        return grouped_mm_works(x_NM.device.type, x_NM.dtype, self.hidden_size, self.intermediate_size)
+        return prefer_grouped_mm(x_NM.device.type, x_NM.dtype, self.hidden_size, self.intermediate_size)
 
     def forward(self, x_NM: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         if self._grouped(x_NM):
@@ -150,12 +239,8 @@ class SwiGLUExperts(nn.Module):
 
             hidden_NF = F.silu(project(x_NM, self.w1)) * project(x_NM, self.w3)
             return project(hidden_NF, self.w2)
-        blocks = torch.split(x_NM, tokens_per_expert.tolist())
-        outputs = [
-            F.linear(F.silu(F.linear(block, self.w1[e])) * F.linear(block, self.w3[e]), self.w2[e])
-            for e, block in enumerate(blocks)
-        ]
-        return torch.cat(outputs, dim=0)
+        counts = tokens_per_expert.tolist()  # one host sync; the loop needs the block sizes
+        return _SwiGLUBlocks.apply(x_NM.contiguous(), self.w1, self.w3, self.w2, counts)
 
 
 _STACKED_NAMES = ("w1", "w2", "w3")

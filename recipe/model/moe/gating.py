@@ -107,11 +107,14 @@ def assign_capacity(
     # Pair ids in priority order: column-major over (S, k), so choice j=0 for every token comes first.
     token_order = torch.randperm(num_tokens, device=device) if random_priority else torch.arange(num_tokens, device=device)
     priority = (token_order.unsqueeze(0) * k + torch.arange(k, device=device).unsqueeze(1)).reshape(-1)  # (N,)
-    expert_of_pair = expert_index.reshape(-1)
+    expert_of_pair = expert_index
     if token_mask is not None:
         # Masked tokens get the sentinel expert id E: they sort last and are never kept.
-        expert_of_pair = torch.where(token_mask.repeat_interleave(k), expert_of_pair, num_experts)
-    expert_in_priority = expert_of_pair[priority]
+        expert_of_pair = torch.where(token_mask.unsqueeze(1), expert_of_pair, num_experts)
+    if random_priority:
+        expert_in_priority = expert_of_pair.reshape(-1)[priority]
+    else:
+        expert_in_priority = expert_of_pair.t().reshape(-1)  # (k, S) flattened: the same order, no gather
     order = torch.argsort(expert_in_priority, stable=True)
     pairs_by_expert = priority[order]  # (N,) pair ids grouped by expert, priority order inside a group
     experts_sorted = expert_in_priority[order]
@@ -168,7 +171,7 @@ def top_k_gating(
     first = choice_logits.argmax(dim=-1)  # (S,)
     if k == 2:
         second_logits = logits + gumbel_like(logits) if training and second_expert_policy == "sampling" else logits
-        second_logits = second_logits.masked_fill(F.one_hot(first, logits.shape[1]).bool(), float("-inf"))
+        second_logits = second_logits.scatter(1, first.unsqueeze(1), float("-inf"))  # rule out the first
         expert_index = torch.stack([first, second_logits.argmax(dim=-1)], dim=1)  # (S, 2)
     else:
         expert_index = first.unsqueeze(1)  # (S, 1)
@@ -214,8 +217,15 @@ def router_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """me (E,), first-choice counts (E,), z-loss and mean gate entropy, over routed (unmasked) tokens only."""
     num_experts = logits.shape[1]
-    weight = torch.ones_like(first_choice, dtype=gates.dtype) if token_mask is None else token_mask.to(gates.dtype)
     denom = max(num_tokens, 1)
+    if token_mask is None:
+        gate_prob_mean = gates.sum(dim=0) / denom
+        first_choice_count = torch.bincount(first_choice, minlength=num_experts).to(gates.dtype)
+        z_loss = torch.logsumexp(logits, dim=-1).square().sum() / denom
+        with torch.no_grad():
+            entropy = torch.special.entr(gates).sum() / denom
+        return gate_prob_mean, first_choice_count, z_loss, entropy
+    weight = token_mask.to(gates.dtype)
     gate_prob_mean = (gates * weight.unsqueeze(1)).sum(dim=0) / denom
     first_choice_count = torch.zeros(num_experts, dtype=gates.dtype, device=gates.device)
     first_choice_count.index_add_(0, first_choice, weight)

@@ -202,11 +202,9 @@ class MoE(DeepSpeedMoE):
         token_of_pair_N = torch.div(gate.sorted_pairs, k, rounding_mode="floor")
         x_NM = x_SM.index_select(0, token_of_pair_N)
         y_NM = self.dispatcher.run(x_NM, gate.tokens_per_expert, self.deepspeed_moe.experts)
-        # Combine: weight each pair, put it back in its (token, choice) slot, sum the choices.
+        # Combine: weight each pair and add it into its token's row (no (S·k, M) buffer).
         weight_N = gate.combine_weight.reshape(-1).index_select(0, gate.sorted_pairs).to(y_NM.dtype)
-        y_NM = y_NM * weight_N.unsqueeze(1)
-        out_PM = y_NM.new_zeros(num_tokens * k, hidden).index_copy(0, gate.sorted_pairs, y_NM)
-        out_SM = out_PM if k == 1 else out_PM.view(num_tokens, k, hidden).sum(dim=1)
+        out_SM = y_NM.new_zeros(num_tokens, hidden).index_add_(0, token_of_pair_N, y_NM * weight_N.unsqueeze(1))
 
         stats = RoutingStats(
             tokens_per_expert=gate.tokens_per_expert.detach(),

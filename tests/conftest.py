@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny prepared corpus, tiny configs, and a runner for the real deepspeed launcher."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = ("the nation people congress year government states united world peace freedom law work economy "
+         "future children families country tax health jobs security we our must will can new great strong").split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared folder (tokenizer vocab 320, uint16 shards) from 40 synthetic documents."""
+    from recipe.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    source = root / "docs"
+    source.mkdir()
+    rng = random.Random(0)
+    for i in range(40):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                     for _ in range(30)]
+        (source / f"doc{i:02d}.txt").write_text(" ".join(sentences) + "\n")
+    out = root / "prepared"
+    prepare_dataset(source, out, vocab_size=320, val_every=5, seed=0, verbose=False)
+    return out
+
+
+TINY_MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=320, max_seq_len=32,
+                  multiple_of=8, num_experts=4, moe_gate_k=2, moe_capacity_factor=1.25, moe_min_capacity=2)
+
+
+def write_config(path: Path, data_dir: Path, model_type: str = "INTERNLM_MoE", model: dict | None = None,
+                 train: dict | None = None, loss: dict | None = None) -> Path:
+    model = {**TINY_MODEL, **(model or {})}
+    train = {"steps": 3, "log_every": 1, "eval_every": 1000, "eval_batches": 2, "save_every": 1000, "wandb": "disabled",
+             **(train or {})}
+    loss = {"moe_loss_coeff": 0.01, **(loss or {})}
+    path.write_text(
+        f"model_type = {model_type!r}\nmodel = {model!r}\nloss = {loss!r}\n"
+        f"data = {dict(path=str(data_dir), seq_len=16)!r}\ntrain = {train!r}\n"
+    )
+    return path
+
+
+def write_ds_config(path: Path, base: str = "zero2_fp32.json", **changes) -> Path:
+    """A copy of ds_configs/<base> with top-level keys replaced (``moe_recipe={"ep_size": 2}`` etc.)."""
+    config = json.loads((ROOT / "ds_configs" / base).read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def launch(nproc: int, config: Path, ds_config: Path, run_dir: Path, *extra: str, timeout: int = 600,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Train through launch/train.sh (the deepspeed launcher) and return the finished process."""
+    env = {**os.environ, "MASTER_PORT": str(_free_port()), "PYTHONUNBUFFERED": "1"}
+    cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nproc", str(nproc), "--config", str(config),
+           "--ds_config", str(ds_config), "--run_dir", str(run_dir), "--python", sys.executable, "--", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) from metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]

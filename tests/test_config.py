@@ -1,0 +1,201 @@
+"""Config loading and every rejection the recipe promises, each with a message naming key and fix."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, write_config, write_ds_config
+from recipe.config import ConfigError, config_from_dict, load_config, parameter_counts, parse_override
+from recipe.ds_config import read_ds_config, resolve_ds_config
+from recipe.model.transformer import TransformerLM
+from recipe.train import main as train_main
+
+
+def test_ready_configs_load():
+    for name in ("tiny_moe", "tiny_dense", "internevo_7b_moe"):
+        config = load_config(ROOT / "recipe" / "configs" / f"{name}.py")
+        assert config.source.endswith(f"{name}.py")
+
+
+def test_dense_twin_has_the_same_active_parameters():
+    moe = load_config(ROOT / "recipe/configs/tiny_moe.py")
+    dense = load_config(ROOT / "recipe/configs/tiny_dense.py")
+    router = moe.model.num_layers * moe.model.hidden_size * moe.model.num_experts
+    assert parameter_counts(moe)["active"] == parameter_counts(dense)["active"] + router
+    assert parameter_counts(moe)["total"] > 2 * parameter_counts(dense)["total"]
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.tie_word_embeddings=True", "model.moe_layer_freq=2",
+                                            "model.moe_num_shared_experts=1"]])
+def test_parameter_count_matches_an_instantiated_model(overrides):
+    config = load_config(ROOT / "recipe/configs/tiny_moe.py", overrides)
+    model = TransformerLM(config)
+    assert parameter_counts(config)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_7b_moe_config_parameter_count():
+    config = load_config(ROOT / "recipe/configs/internevo_7b_moe.py")
+    d, f, v, layers, experts = 4096, 11008, 103168, 32, 4
+    assert config.model.ffn_size == f  # InternLM-7B's FFN width from mlp_ratio 8/3 rounded to 256
+    per_layer_shared = 4 * d * d + 2 * d + d * experts
+    total = 2 * v * d + d + layers * (per_layer_shared + experts * 3 * d * f)
+    active = 2 * v * d + d + layers * (per_layer_shared + 2 * 3 * d * f)
+    assert parameter_counts(config) == {"total": total, "active": active}
+    assert 20.0e9 < total < 20.5e9 and 11.5e9 < active < 11.8e9
+
+
+def test_set_overrides_and_literal_parsing():
+    config = load_config(ROOT / "recipe/configs/tiny_moe.py",
+                         ["model.num_experts=16", "loss.moe_loss_coeff=0.1", "train.run_dir=runs/x",
+                          "model.moe_noisy_gate_policy=None"])
+    assert config.model.num_experts == 16 and config.loss.moe_loss_coeff == 0.1
+    assert config.train.run_dir == "runs/x" and config.model.moe_noisy_gate_policy is None
+    assert parse_override("model.moe_noisy_gate_policy=RSample") == ("model", "moe_noisy_gate_policy", "RSample")
+
+
+REJECTED_CONFIGS = [
+    ({"model": {"num_expert": 8}}, "unknown key `model.num_expert`; did you mean `model.num_experts`"),
+    ({"model": {"num_experts": "8"}}, "`model.num_experts` must be int"),
+    ({"model": {"moe_drop_tokens": 1}}, "`model.moe_drop_tokens` must be bool"),
+    ({"model": {"num_experts": 2, "moe_gate_k": 2}, "model_type": "INTERNLM_MoE"}, None),  # fine: k == E
+    ({"model": {"num_experts": 1, "moe_gate_k": 2}}, "exceeds `model.num_experts`"),
+    ({"model": {"moe_gate_k": 3}}, "`model.moe_gate_k` must be 1 or 2"),
+    ({"model": {"moe_capacity_factor": 0.0}}, "`model.moe_capacity_factor` must be > 0"),
+    ({"model": {"moe_eval_capacity_factor": -1.0}}, "`model.moe_eval_capacity_factor` must be > 0"),
+    ({"model": {"hidden_size": 100, "num_attention_heads": 3}}, "must be divisible by `model.num_attention_heads`"),
+    ({"model": {"moe_noisy_gate_policy": "Gauss"}}, "`model.moe_noisy_gate_policy` must be"),
+    ({"data": {"seq_len": 1024}}, "`data.seq_len` (1024) must be in 1..model.max_seq_len"),
+    ({"train": {"steps": 0}}, "`train.steps` must be > 0"),
+    ({"model_type": "GPT"}, "model_type must be one of"),
+    ({"optim": {}}, None),  # handled at file level, see below
+]
+
+
+@pytest.mark.parametrize("raw,message", [c for c in REJECTED_CONFIGS if c[1]])
+def test_bad_configs_rejected(raw, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert message in str(info.value)
+
+
+def test_unknown_top_level_name_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("model_type = 'INTERNLM_MoE'\nmodle = dict(num_experts=8)\nSEQ = 3\n")
+    with pytest.raises(ConfigError, match="unknown top-level name `modle`.*did you mean `model`"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.py")
+    broken = tmp_path / "broken.py"
+    broken.write_text("model = dict(num_experts=8\n")
+    with pytest.raises(ConfigError, match="failed to run: SyntaxError"):
+        load_config(broken)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model.num_experts", "expected section.key=value"),
+    ("num_experts=8", "the key must be section.key"),
+    ("optimizer.lr=3", "unknown section `optimizer`"),
+])
+def test_bad_set_syntax(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_override(text)
+
+
+def _ds(**changes):
+    raw = json.loads((ROOT / "ds_configs" / "zero2_fp32_ep2.json").read_text())
+    raw.update(changes)
+    return raw
+
+
+MOE = config_from_dict({"model": {"num_experts": 8}})
+REJECTED_DS = [
+    (_ds(moe_recipe={"ep_size": 3}), 2, "does not divide the world size 2"),
+    (_ds(moe_recipe={"ep_size": 4}), 4, None),  # fine: 8 experts over EP=4 on 4 ranks
+    (_ds(moe_recipe={"ep_size": 2, "ep": 2}), 2, "`moe_recipe` must be an object with keys"),
+    (_ds(train_batch_size=64), 2, "train_batch_size 64 != micro batch 8 x gradient accumulation 1"),
+    (_ds(zero_optimization={"stage": 3}), 2, "ZeRO stage 3 is not supported with DeepSpeed MoE"),
+    (_ds(zero_optimization={"stage": 2, "contiguous_gradients": False}), 2, "needs contiguous_gradients"),
+    (_ds(bf16={"enabled": True}, fp16={"enabled": True}), 2, "both enabled"),
+    (_ds(train_micro_batch_size_per_gpu=0), 2, "must be a positive integer"),
+    ({k: v for k, v in _ds().items() if k != "optimizer"}, 2, "declare the optimizer"),
+]
+
+
+@pytest.mark.parametrize("raw,world,message", REJECTED_DS)
+def test_bad_ds_configs_rejected(raw, world, message):
+    if message is None:
+        assert resolve_ds_config(raw, MOE, world).ep_size == 4
+        return
+    with pytest.raises(ConfigError) as info:
+        resolve_ds_config(raw, MOE, world)
+    assert message in str(info.value)
+
+
+def test_experts_not_divisible_by_ep_and_dense_with_ep():
+    with pytest.raises(ConfigError, match=r"`model.num_experts` \(5\) is not divisible"):
+        resolve_ds_config(_ds(), config_from_dict({"model": {"num_experts": 5}}), 2)
+    with pytest.raises(ConfigError, match="has no experts"):
+        resolve_ds_config(_ds(), config_from_dict({"model_type": "INTERNLM"}), 2)
+
+
+def test_ds_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        read_ds_config(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 8,}')
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_ds_config(bad)
+
+
+def test_auto_schedule_filled_from_train_steps():
+    resolved = resolve_ds_config(_ds(), config_from_dict({"train": {"steps": 400}}), 2)
+    assert resolved.deepspeed["scheduler"]["params"]["total_num_steps"] == 400
+    assert "moe_recipe" not in resolved.deepspeed
+
+
+def _run_main(tmp_path, tiny_data, capsys, *args, config_kwargs=None, ds=None):
+    config = write_config(tmp_path / "cfg.py", tiny_data, **(config_kwargs or {}))
+    ds = ds or write_ds_config(tmp_path / "ds.json", moe_recipe={"ep_size": 1})
+    code = train_main(["--config", str(config), "--ds_config", str(ds), "--run_dir", str(tmp_path / "run"), *args])
+    return code, capsys.readouterr().err
+
+
+def test_trainer_rejects_before_starting(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = _run_main(tmp_path, tiny_data, capsys, config_kwargs=dict(model=dict(vocab_size=512)))
+    assert code == 2 and "`model.vocab_size` (512) differs from the tokenizer" in err
+    code, err = _run_main(tmp_path, tiny_data, capsys, "--set", "model.num_experts=3",
+                          ds=write_ds_config(tmp_path / "ep2.json", moe_recipe={"ep_size": 2}))
+    assert code == 2 and "not divisible by moe_recipe.ep_size 2" in err
+    code, err = _run_main(tmp_path, tiny_data, capsys, "--set", "data.path='/nonexistent/data'")
+    assert code == 2 and "make data" in err
+    code, err = _run_main(tmp_path, tiny_data, capsys, "--set", "model.max_seq_len=4096",
+                          "--set", "data.seq_len=4096")
+    assert code == 2 and "fewer than one global micro-batch" in err
+    code, err = _run_main(tmp_path, tiny_data, capsys, "--resume")
+    assert code == 2 and "no complete checkpoint" in err
+    (tmp_path / "run" / "checkpoints" / "step00000001").mkdir(parents=True)
+    code, err = _run_main(tmp_path, tiny_data, capsys)
+    assert code == 2 and "already holds checkpoints; pass --resume" in err
+    assert (tmp_path / "run" / "checkpoints" / "step00000001").is_dir()  # nothing was overwritten
+
+
+def test_unknown_cli_flag_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        train_main(["--num_experts", "8"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --num_experts" in capsys.readouterr().err
+
+
+def test_resume_into_run_of_another_config(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step00000003").mkdir(parents=True)
+    (run / "checkpoints" / "step00000003" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (run / "checkpoints" / "latest").write_text("step00000003")
+    saved = config_from_dict({"model": {"num_experts": 8}}).to_dict()
+    (run / "config.json").write_text(json.dumps({"config": saved}))
+    code, err = _run_main(tmp_path, tiny_data, capsys, "--resume")
+    assert code == 2 and "trained with another model config" in err and "num_experts" in err
