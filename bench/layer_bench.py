@@ -254,6 +254,7 @@ def _memory_child(case: Case, name: str) -> float:
     _malloc_trim()
     runner = build_runner(name, case)
     gc.collect()
+    _malloc_trim()  # building may have freed fp32 copies (weights are cast after loading)
     before = _read_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
