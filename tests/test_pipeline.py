@@ -105,3 +105,22 @@ def test_generation_is_deterministic_and_layout_free(tiny_data, tmp_path):
     again = print_samples(tmp_path / "run", num_samples=2, max_new_tokens=12, seed=3)
     other = print_samples(tmp_path / "run", num_samples=2, max_new_tokens=12, seed=4)
     assert first == again and first != other
+
+
+@pytest.mark.multirank
+def test_compare_trains_both_and_plots(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "compare"
+    overrides = [f"data.path={str(tiny_data)!r}", "model.vocab_size=320", "data.seq_len=32", "train.steps=2",
+                 "train.eval_every=1", "train.eval_batches=1", "train.log_every=1", "train.wandb='disabled'"]
+    cmd = [sys.executable, "-m", "recipe.compare", "--out", str(out)] + [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "compare.json").read_text())
+    assert set(result) == {"moe", "dense"}
+    assert result["moe"]["tokens_seen"] == result["dense"]["tokens_seen"]
+    assert abs(result["moe"]["active_params"] - result["dense"]["active_params"]) < 0.01 * result["dense"]["active_params"]
+    assert (out / "moe_vs_dense.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "MoE minus dense validation loss" in proc.stdout

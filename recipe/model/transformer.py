@@ -173,7 +173,7 @@ class TransformerLM(nn.Module):
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         lm_loss = None
         if targets is not None:
-            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100)
+            lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return LMOutput(logits=logits, lm_loss=lm_loss, moe_loss=moe_loss, z_loss=z_loss, routing=routing,
                         moe_layer_losses=layer_losses)
 
