@@ -2,12 +2,18 @@
 
 Layout under ``<run_dir>/checkpoints/``::
 
-    latest                                   tag of the newest complete checkpoint (written last)
+    latest                                   tag of the newest complete checkpoint (replaced atomically)
     step00000200/
+        COMPLETE                             written by rank 0 once every file of every rank is in place
         mp_rank_00_model_states.pt           non-expert weights, LR schedule, client state (DeepSpeed)
         layer_{L}_expert_{E}_mp_rank_00_model_states.pt   one file per expert per MoE layer (DeepSpeed)
         *_optim_states.pt                    ZeRO / optimizer shards (DeepSpeed)
         recipe_rank{R}.pt                    data position and RNG state of rank R (ours)
+
+Crash safety: a save goes into its own tag folder; only after all ranks finished and rank 0 checked the
+files does ``commit`` write ``COMPLETE`` and then replace ``latest`` (write-to-temp + rename), so a
+crash at any moment leaves ``latest`` on a complete checkpoint. Older checkpoints are pruned only after
+a newer one is committed.
 
 ``consolidated_state_dict`` reads a checkpoint without DeepSpeed or process groups and returns the
 whole model's weights with global expert ids: what a 1-process model (ep_size=1) loads.
@@ -18,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +32,7 @@ import numpy as np
 import torch
 
 LATEST = "latest"
+COMPLETE = "COMPLETE"
 MODEL_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
 
@@ -47,27 +55,81 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def complete_tags(run_dir: str | Path) -> list[str]:
+    """Committed checkpoint tags, oldest first."""
+    return _complete_in(checkpoint_root(run_dir))
+
+
+def _complete_in(root: Path) -> list[str]:
+    return sorted(p.parent.name for p in root.glob(f"step*/{COMPLETE}"))
+
+
 def latest_tag(run_dir: str | Path) -> Optional[str]:
-    """The tag in ``latest`` if that checkpoint is complete, else None."""
-    root = checkpoint_root(run_dir)
-    latest = root / LATEST
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    if not (root / tag / MODEL_FILE).is_file():
-        raise FileNotFoundError(
-            f"{latest} names checkpoint {tag!r} but {root / tag / MODEL_FILE} is missing; the checkpoint "
-            f"folder was damaged. Point `latest` at an older complete tag or start a new run_dir"
-        )
-    return tag
+    """The newest committed checkpoint: ``latest`` if it names a complete one, else the newest complete tag."""
+    return _latest_in(checkpoint_root(run_dir))
+
+
+def _latest_in(root: Path) -> Optional[str]:
+    tags = _complete_in(root)
+    named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    if named in tags:
+        return named
+    if named is not None and tags:
+        print(f"warning: {root / LATEST} names {named!r}, which is not a complete checkpoint; using {tags[-1]}",
+              file=sys.stderr)
+    return tags[-1] if tags else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def missing_files(folder: Path, world_size: int, moe_layers: int, num_experts: int) -> list[str]:
+    """What a complete checkpoint of this layout must hold and ``folder`` lacks (or holds empty)."""
+    expected = [MODEL_FILE] + [f"recipe_rank{r}.pt" for r in range(world_size)]
+    expected += [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
+                 for layer in range(moe_layers) for e in range(num_experts)]
+    missing = [name for name in expected if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
+    if not any(folder.glob("*optim_states.pt")):
+        missing.append("*optim_states.pt")
+    return missing
+
+
+def begin(run_dir: str | Path, tag: str) -> Path:
+    """Rank 0, before a save: whatever an earlier save left under this tag is removed, marker first."""
+    folder = checkpoint_root(run_dir) / tag
+    if folder.exists():
+        (folder / COMPLETE).unlink(missing_ok=True)  # from here on the folder never passes for complete
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def commit(run_dir: str | Path, tag: str, world_size: int, moe_layers: int, num_experts: int) -> None:
+    """Rank 0, after every rank saved: verify, mark complete, then point ``latest`` at it (atomically)."""
+    folder = checkpoint_root(run_dir) / tag
+    missing = missing_files(folder, world_size, moe_layers, num_experts)
+    if missing:
+        raise RuntimeError(f"checkpoint {folder} is incomplete after saving (missing {missing[:5]}); "
+                           f"`latest` still names the previous checkpoint")
+    _write_atomic(folder / COMPLETE, f"{tag}\n")
+    _write_atomic(checkpoint_root(run_dir) / LATEST, tag)
 
 
 def prune(run_dir: str | Path, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` step tags; never the one ``latest`` names."""
+    """Keep the newest ``keep_last`` committed checkpoints; drop older ones and interrupted saves among them."""
     root = checkpoint_root(run_dir)
-    current = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-    tags = sorted(p.name for p in root.glob("step*") if p.is_dir())
-    doomed = [t for t in tags[:-keep_last] if t != current] if keep_last > 0 else []
+    complete = complete_tags(run_dir)
+    if not complete:
+        return []
+    oldest_kept = complete[-keep_last] if len(complete) >= keep_last else complete[0]
+    doomed = sorted(p.name for p in root.glob("step*") if p.is_dir() and (
+        p.name < oldest_kept or (p.name not in complete and p.name < complete[-1])))
     for tag in doomed:
         shutil.rmtree(root / tag, ignore_errors=True)
     return doomed
@@ -97,9 +159,9 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = Non
     """
     root = Path(checkpoint_dir)
     if tag is None:
-        if not (root / LATEST).is_file():
-            raise FileNotFoundError(f"no `latest` file in {root}; pass the checkpoint tag explicitly")
-        tag = (root / LATEST).read_text().strip()
+        tag = _latest_in(root)
+        if tag is None:
+            raise FileNotFoundError(f"no complete checkpoint in {root}; train first (or pass a tag)")
     folder = root / tag
     model_file = folder / MODEL_FILE
     if not model_file.is_file():

@@ -167,8 +167,10 @@ def train(run: Setup, samples: int = 0) -> int:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from .checkpoint import (checkpoint_root, latest_tag, load_recipe_state, prune, rng_state, save_recipe_state,
-                             set_rng_state, step_tag)
+    from .checkpoint import begin as begin_checkpoint
+    from .checkpoint import checkpoint_root, latest_tag, load_recipe_state, prune, rng_state, save_recipe_state
+    from .checkpoint import commit as commit_checkpoint
+    from .checkpoint import set_rng_state, step_tag
     from .data.loader import BatchLoader, TokenDataset, eval_batches
     from .model.moe.dispatch import expert_parallel_rank
     from .model.transformer import TransformerLM
@@ -261,15 +263,18 @@ def train(run: Setup, samples: int = 0) -> int:
 
     def save(step: int) -> None:
         tag = step_tag(step)
-        (checkpoint_root(run_dir) / tag).mkdir(parents=True, exist_ok=True)
-        # Our per-rank state first: `latest` names the tag only once the engine has written everything.
+        if is_main:
+            begin_checkpoint(run_dir, tag)
+        dist.barrier()
         save_recipe_state(run_dir, tag, rank, {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
                                                 "world_size": world_size, "ep_size": ds.ep_size})
-        engine.save_checkpoint(str(checkpoint_root(run_dir)), tag=tag, client_state={"step": step,
-                                                                                      "config": config.to_dict()})
-        dist.barrier()
+        engine.save_checkpoint(str(checkpoint_root(run_dir)), tag=tag, save_latest=False,
+                               client_state={"step": step, "config": config.to_dict()})
+        dist.barrier()  # every rank's files are written
         if is_main:
+            commit_checkpoint(run_dir, tag, world_size, len(model.moe_layers()), config.model.num_experts)
             prune(run_dir, config.train.keep_last)
+        dist.barrier()
 
     # ---- training loop ----
     gas, tokens_per_step = ds.grad_accum_steps, ds.global_batch_size(world_size) * config.data.seq_len

@@ -194,6 +194,7 @@ def test_resume_into_run_of_another_config(tiny_data, tmp_path, capsys, monkeypa
     run = tmp_path / "run"
     (run / "checkpoints" / "step00000003").mkdir(parents=True)
     (run / "checkpoints" / "step00000003" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (run / "checkpoints" / "step00000003" / "COMPLETE").write_text("step00000003")
     (run / "checkpoints" / "latest").write_text("step00000003")
     saved = config_from_dict({"model": {"num_experts": 8}}).to_dict()
     (run / "config.json").write_text(json.dumps({"config": saved}))

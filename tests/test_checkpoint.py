@@ -1,0 +1,81 @@
+"""Checkpoint bookkeeping: commit only complete saves, fall back past broken ones, prune safely."""
+import pytest
+import torch
+
+from recipe.checkpoint import (COMPLETE, MODEL_FILE, begin, checkpoint_root, commit, complete_tags,
+                               consolidated_state_dict, latest_tag, prune, step_tag)
+
+
+def fake_save(run_dir, step, world_size=2, moe_layers=1, num_experts=2, skip=()):
+    """Write the files a save of this layout produces (tiny tensors), minus ``skip``."""
+    folder = begin(run_dir, step_tag(step))
+    names = [MODEL_FILE, "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    names += [f"recipe_rank{r}.pt" for r in range(world_size)]
+    names += [f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in range(moe_layers) for e in range(num_experts)]
+    for name in names:
+        if name not in skip:
+            payload = {"module": {"w": torch.full((2,), float(step))}, "num_experts": [num_experts] * moe_layers}
+            if name.startswith("layer_"):
+                payload = {f"ffn.deepspeed_moe.experts.deepspeed_experts.{name.split('_')[3]}.w": torch.ones(1) * step}
+            torch.save(payload, folder / name)
+    return folder
+
+
+def test_commit_marks_complete_and_moves_latest(tmp_path):
+    fake_save(tmp_path, 10)
+    commit(tmp_path, step_tag(10), 2, 1, 2)
+    assert latest_tag(tmp_path) == "step00000010"
+    fake_save(tmp_path, 20, skip=("layer_0_expert_1_mp_rank_00_model_states.pt",))
+    with pytest.raises(RuntimeError, match="incomplete.*layer_0_expert_1"):
+        commit(tmp_path, step_tag(20), 2, 1, 2)
+    assert latest_tag(tmp_path) == "step00000010"  # the interrupted save never became latest
+    assert not (checkpoint_root(tmp_path) / "step00000020" / COMPLETE).exists()
+
+
+def test_latest_falls_back_to_newest_complete(tmp_path, capsys):
+    for step in (10, 20):
+        fake_save(tmp_path, step)
+        commit(tmp_path, step_tag(step), 2, 1, 2)
+    # `latest` naming a folder that lost its marker (a save under way when the machine died).
+    (checkpoint_root(tmp_path) / "latest").write_text("step00000030")
+    assert latest_tag(tmp_path) == "step00000020"
+    assert "not a complete checkpoint" in capsys.readouterr().err
+    (checkpoint_root(tmp_path) / "latest").unlink()
+    assert latest_tag(tmp_path) == "step00000020"
+
+
+def test_resave_of_a_tag_starts_from_an_empty_folder(tmp_path):
+    folder = fake_save(tmp_path, 10)
+    commit(tmp_path, step_tag(10), 2, 1, 2)
+    (folder / "stale.pt").write_bytes(b"old")
+    begin(tmp_path, step_tag(10))
+    assert not (folder / COMPLETE).exists() and not (folder / "stale.pt").exists()
+    assert latest_tag(tmp_path) is None
+
+
+def test_prune_keeps_last_k_complete_and_never_the_newest(tmp_path):
+    for step in (10, 20, 30):
+        fake_save(tmp_path, step)
+        commit(tmp_path, step_tag(step), 2, 1, 2)
+    fake_save(tmp_path, 25, skip=(MODEL_FILE,))  # an interrupted save between complete ones
+    fake_save(tmp_path, 40, skip=(MODEL_FILE,))  # an interrupted save after the newest
+    assert prune(tmp_path, keep_last=2) == ["step00000010", "step00000025"]
+    assert complete_tags(tmp_path) == ["step00000020", "step00000030"]
+    assert (checkpoint_root(tmp_path) / "step00000040").is_dir()  # may be a save in progress: left alone
+    assert prune(tmp_path, keep_last=5) == []
+
+
+def test_consolidated_state_reports_missing_or_corrupt_expert_files(tmp_path):
+    folder = fake_save(tmp_path, 10)
+    commit(tmp_path, step_tag(10), 2, 1, 2)
+    state, _ = consolidated_state_dict(checkpoint_root(tmp_path))
+    assert set(state) == {"w", "ffn.deepspeed_moe.experts.deepspeed_experts.0.w",
+                          "ffn.deepspeed_moe.experts.deepspeed_experts.1.w"}
+    (folder / "layer_0_expert_1_mp_rank_00_model_states.pt").write_bytes(b"\x80\x02trunc")
+    with pytest.raises(ValueError, match="expert_1.*truncated or corrupt"):
+        consolidated_state_dict(checkpoint_root(tmp_path))
+    (folder / "layer_0_expert_1_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks expert files for MoE layer 0, experts \[1\]"):
+        consolidated_state_dict(checkpoint_root(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        consolidated_state_dict(tmp_path / "elsewhere")
