@@ -190,5 +190,22 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = Non
                 f"checkpoint {folder} lacks expert files for MoE layer {layer}, experts {missing[:8]}"
                 f"{'...' if len(missing) > 8 else ''}; it is incomplete"
             )
-    client_state = {k: v for k, v in saved.items() if k not in ("module", "optimizer", "lr_scheduler")}
+    client_state = {k: v for k, v in saved.items() if k not in ("module", "optimizer")}
     return state, client_state
+
+
+def shard_experts(state: dict, ep_rank: int, num_local_experts: int) -> dict:
+    """From a whole-model state dict (global expert ids), the entries an ``ep_rank`` shard holds, renumbered
+    to local ids; non-expert entries pass through. The inverse of what ``consolidated_state_dict`` gathers."""
+    marker = ".deepspeed_experts."
+    first = ep_rank * num_local_experts
+    local = {}
+    for key, value in state.items():
+        if marker not in key:
+            local[key] = value
+            continue
+        head, tail = key.split(marker, 1)
+        expert, rest = tail.split(".", 1)
+        if first <= int(expert) < first + num_local_experts:
+            local[f"{head}{marker}{int(expert) - first}.{rest}"] = value
+    return local

@@ -40,6 +40,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="override a config value, e.g. --set model.num_experts=16 (repeatable)")
     parser.add_argument("--run_dir", help="where checkpoints and metrics go (default: train.run_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+    parser.add_argument("--reshard", action="store_true",
+                        help="with --resume: load the checkpoint's weights into a different rank count / ep_size "
+                             "(optimizer moments restart; data position and LR schedule carry over)")
     parser.add_argument("--samples", type=int, default=0, help="print this many generated samples at the end")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return parser.parse_args(argv)
@@ -51,6 +54,8 @@ class Setup:
     ds: DSConfig
     run_dir: Path
     world_size: int
+    resume_tag: Optional[str] = None
+    reshard: bool = False  # resume into another layout: weights only
 
 
 def setup(args: argparse.Namespace) -> Setup:
@@ -83,7 +88,7 @@ def setup(args: argparse.Namespace) -> Setup:
         )
 
     run_dir = Path(config.train.run_dir)
-    from .checkpoint import checkpoint_root, latest_tag
+    from .checkpoint import checkpoint_root, latest_tag, load_recipe_state
 
     has_checkpoint = checkpoint_root(run_dir).is_dir() and any(checkpoint_root(run_dir).iterdir())
     if config.train.resume:
@@ -98,9 +103,28 @@ def setup(args: argparse.Namespace) -> Setup:
                 f"--resume into {run_dir}, which was trained with another model config "
                 f"(saved vs now: {diff or saved['model_type']}); use the same config or a new --run_dir"
             )
+        tag = latest_tag(run_dir)
+        saved_layout = load_recipe_state(run_dir, tag, 0)
+        same_layout = (saved_layout["world_size"], saved_layout["ep_size"]) == (world_size, ds.ep_size)
+        if not same_layout and not args.reshard:
+            raise ConfigError(
+                f"checkpoint {tag} was saved with {saved_layout['world_size']} ranks and ep_size "
+                f"{saved_layout['ep_size']}, this launch has {world_size} ranks and ep_size {ds.ep_size}; resume "
+                f"with the same layout, or add --reshard to load its weights into this one (Adam moments restart)"
+            )
+        saved_batch = saved_layout["loader"]["global_micro_batch"]
+        if args.reshard and saved_batch != ds.micro_batch_size * world_size:
+            raise ConfigError(
+                f"--reshard keeps the data order, so the global micro-batch must stay {saved_batch} sequences; "
+                f"set train_micro_batch_size_per_gpu to {saved_batch} / number of ranks"
+            )
+        return Setup(config=config, ds=ds, run_dir=run_dir, world_size=world_size, resume_tag=tag,
+                     reshard=not same_layout)
     elif has_checkpoint:
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another "
                           f"--run_dir (nothing was overwritten)")
+    elif args.reshard:
+        raise ConfigError("--reshard only makes sense with --resume")
     return Setup(config=config, ds=ds, run_dir=run_dir, world_size=world_size)
 
 
@@ -156,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         run = setup(args)
-    except ConfigError as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return train(run, samples=args.samples)
@@ -168,9 +192,9 @@ def train(run: Setup, samples: int = 0) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from .checkpoint import begin as begin_checkpoint
-    from .checkpoint import checkpoint_root, latest_tag, load_recipe_state, prune, rng_state, save_recipe_state
+    from .checkpoint import checkpoint_root, consolidated_state_dict, load_recipe_state, prune, rng_state
     from .checkpoint import commit as commit_checkpoint
-    from .checkpoint import set_rng_state, step_tag
+    from .checkpoint import save_recipe_state, set_rng_state, shard_experts, step_tag
     from .data.loader import BatchLoader, TokenDataset, eval_batches
     from .model.moe.dispatch import expert_parallel_rank
     from .model.transformer import TransformerLM
@@ -200,6 +224,11 @@ def train(run: Setup, samples: int = 0) -> int:
     ep_rank = expert_parallel_rank(ds.ep_size) if config.is_moe else 0  # creates DeepSpeed's EP groups
     model = TransformerLM(config, ep_size=ds.ep_size)
     model.init_weights(config.train.seed, ep_rank)
+    resharded_from = None
+    if run.reshard:  # another layout: every expert file is read, this rank keeps its own experts
+        state, resharded_from = consolidated_state_dict(checkpoint_root(run_dir), run.resume_tag)
+        model.load_state_dict(shard_experts(state, ep_rank, model.moe_layers()[0].num_local_experts
+                                            if config.is_moe else 1))
     weight_decay = ds.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                                    config=ds.deepspeed)
@@ -212,12 +241,16 @@ def train(run: Setup, samples: int = 0) -> int:
     start_step = 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    if config.train.resume:
-        tag = latest_tag(run_dir)
+    if config.train.resume and resharded_from is not None:
+        scheduler.load_state_dict(resharded_from["lr_scheduler"])
+        own = load_recipe_state(run_dir, run.resume_tag, 0)  # the data position is global; RNG is per layout
+        loader.load_state_dict(own["loader"])
+        start_step = engine.global_steps = own["step"]
+        log(f"resharded {run.resume_tag} (step {start_step}) into {world_size} ranks, ep_size {ds.ep_size}: "
+            f"weights, data position and LR schedule carried over; optimizer moments restart from zero")
+    elif config.train.resume:
+        tag = run.resume_tag
         own = load_recipe_state(run_dir, tag, rank)
-        if own["world_size"] != world_size or own["ep_size"] != ds.ep_size:
-            raise SystemExit(f"error: checkpoint {tag} was saved with {own['world_size']} ranks and ep_size "
-                             f"{own['ep_size']}; resume with the same layout")
         engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
         loader.load_state_dict(own["loader"])
         set_rng_state(own["rng"])

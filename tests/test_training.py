@@ -139,3 +139,46 @@ def test_two_nodes_on_loopback(tiny_data, tmp_path):
     records, _ = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_reshard_to_other_layouts_continues_from_the_same_weights(tiny_data, tmp_path):
+    """A 2-rank EP=2 checkpoint resumed on 1 rank (EP=1) and on 4 ranks (EP=4) with --reshard: the next
+    step's loss and gradient norm equal those of resuming at the original layout (they depend on the
+    weights and data only; Adam moments restart, which the trainer says)."""
+    import shutil
+
+    config = write_config(tmp_path / "cfg.py", tiny_data, model=dict(moe_drop_tokens=False),
+                          train=dict(steps=3, save_every=3))
+    longer = write_config(tmp_path / "longer.py", tiny_data, model=dict(moe_drop_tokens=False),
+                          train=dict(steps=4, save_every=4))
+    schedule = {"type": "WarmupCosineLR", "params": {"total_num_steps": 4, "warmup_num_steps": 1}}
+    ds2 = write_ds_config(tmp_path / "ep2.json", moe_recipe={"ep_size": 2}, train_micro_batch_size_per_gpu=4,
+                          scheduler=schedule)
+    launch(2, config, ds2, tmp_path / "base")
+    layouts = {"same": (2, 4, 2), "1rank_ep1": (1, 8, 1), "4rank_ep4": (4, 2, 4)}  # ranks, micro, ep
+    step4 = {}
+    for name, (ranks, micro, ep) in layouts.items():
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+        ds = write_ds_config(tmp_path / f"{name}.json", moe_recipe={"ep_size": ep}, train_micro_batch_size_per_gpu=micro,
+                             scheduler=schedule)
+        extra = ["--resume"] + (["--reshard"] if name != "same" else [])
+        proc = launch(ranks, longer, ds, tmp_path / name, *extra)
+        if name != "same":
+            assert "optimizer moments restart" in proc.stdout
+        records, _ = read_metrics(tmp_path / name)
+        step4[name] = records[-1]
+        assert records[-1]["step"] == 4
+    for name in ("1rank_ep1", "4rank_ep4"):
+        for key in ("loss", "lm_loss", "moe_loss", "grad_norm", "lr"):
+            assert step4[name][key] == pytest.approx(step4["same"][key], rel=1e-5), (name, key)
+
+
+def test_resume_at_another_layout_without_reshard_is_refused(tiny_data, tmp_path):
+    config = write_config(tmp_path / "cfg.py", tiny_data, train=dict(steps=2))
+    launch(2, config, write_ds_config(tmp_path / "ep2.json", moe_recipe={"ep_size": 2}), tmp_path / "run")
+    ds1 = write_ds_config(tmp_path / "ep1.json", moe_recipe={"ep_size": 1})
+    proc = launch(1, config, ds1, tmp_path / "run", "--resume", check=False)
+    assert proc.returncode != 0
+    assert "saved with 2 ranks and ep_size 2" in proc.stderr + proc.stdout and "--reshard" in proc.stderr + proc.stdout
+    proc = launch(1, config, ds1, tmp_path / "run", "--resume", "--reshard", check=False)
+    assert proc.returncode != 0 and "global micro-batch must stay 16" in proc.stderr + proc.stdout
