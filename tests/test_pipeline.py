@@ -91,6 +91,17 @@ def test_default_pipeline_smoke(tiny_data, tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000004"
 
+    # Export the EP=2 checkpoint: consolidated fp32 file and a Hugging Face (Mixtral) folder.
+    from recipe.export import main as export_main
+
+    assert export_main(["--run_dir", str(run_dir), "--format", "torch", "--out", str(tmp_path / "fp32.pt")]) == 0
+    exported = torch.load(tmp_path / "fp32.pt")
+    assert sum(".deepspeed_experts." in k for k in exported["model"]) == 4 * 8 * 3
+    assert all(v.dtype == torch.float32 for v in exported["model"].values())
+    assert export_main(["--run_dir", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mixtral"
+    assert export_main(["--run_dir", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2  # no overwrite
+
 
 @pytest.mark.multirank
 def test_generation_is_deterministic_and_layout_free(tiny_data, tmp_path):

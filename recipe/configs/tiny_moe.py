@@ -18,4 +18,4 @@ model = dict(
 )
 loss = dict(moe_loss_coeff=0.01)
 data = dict(path="data/sotu", seq_len=128)
-train = dict(steps=600, run_dir="runs/default", log_every=10, eval_every=100, eval_batches=8, save_every=200)
+train = dict(steps=400, run_dir="runs/default", log_every=10, eval_every=100, eval_batches=8, save_every=200)
