@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -190,6 +192,7 @@ def train(run: Setup, samples: int = 0) -> int:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger as ds_logger
 
     from .checkpoint import begin as begin_checkpoint
     from .checkpoint import checkpoint_root, consolidated_state_dict, load_recipe_state, prune, rng_state
@@ -200,6 +203,10 @@ def train(run: Setup, samples: int = 0) -> int:
     from .model.transformer import TransformerLM
 
     config, ds, run_dir = run.config, run.ds, run.run_dir
+    # Keep the console to our progress lines: DeepSpeed's INFO chatter (MOE_RECIPE_DS_LOG=info brings it
+    # back) and a deprecation warning DeepSpeed triggers inside torch on every ZeRO step.
+    ds_logger.setLevel(getattr(logging, os.environ.get("MOE_RECIPE_DS_LOG", "warning").upper(), logging.WARNING))
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     accelerator = get_accelerator()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
     rank, world_size = dist.get_rank(), dist.get_world_size()
