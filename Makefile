@@ -51,3 +51,10 @@ generate: install
 # both validation losses and a PNG of the loss curves in runs/compare-<time>/.
 compare: install data
 	$(PY) -m recipe.compare --nproc $(NPROC)
+
+# Layer benchmark: our MoE vs deepspeed.moe.layer.MoE vs experts-only vs dense (ratios, tokens/s, peak
+# memory), written to bench_results/layer.json. Use an idle machine: timings are side by side but shared
+# cores still skew them. BENCH_ARGS=--quick runs a one-minute subset.
+.PHONY: bench
+bench: install
+	$(PY) -m bench.layer_bench $(BENCH_ARGS)

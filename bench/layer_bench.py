@@ -266,7 +266,7 @@ def _memory_child(case: Case, name: str) -> float:
 class MemoryMeter:
     def __init__(self):
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["torch", "deepspeed.moe.layer", "recipe.model.moe", "bench.layer_bench"])
+        self.ctx.set_forkserver_preload(["torch", "deepspeed.moe.layer", "recipe.model.moe"])
 
     def measure(self, case: Case, name: str) -> float:
         with self.ctx.Pool(1, maxtasksperchild=1) as pool:
