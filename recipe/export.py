@@ -50,7 +50,7 @@ def hf_architecture(config: RecipeConfig) -> str:
     return "qwen2_moe"
 
 
-def _attention_and_norms(state: dict, config: RecipeConfig, mlp_prefix: str) -> dict:
+def _attention_and_norms(state: dict, config: RecipeConfig) -> dict:
     """Embedding, attention, norms and head in HF Llama-family names; the FFN is left to the caller."""
     m = config.model
     out = {"model.embed_tokens.weight": state["embedding.weight"], "model.norm.weight": state["norm.weight"]}
@@ -75,7 +75,7 @@ def to_hf_state(state: dict, config: RecipeConfig) -> tuple[dict, dict]:
     moe_layers = set(config.moe_layer_ids())
     mlp = "block_sparse_moe" if arch == "mixtral" else "mlp"
     names = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj")}[arch]
-    out = _attention_and_norms(state, config, mlp)
+    out = _attention_and_norms(state, config)
     for i in range(m.num_layers):
         src, dst = f"blocks.{i}.ffn.", f"model.layers.{i}.{mlp}."
         if i in moe_layers:

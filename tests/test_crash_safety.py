@@ -32,7 +32,6 @@ def _logged_lines(run_dir) -> int:
 
 
 def test_kill_at_random_moments_never_loses_a_checkpoint(tiny_data, tmp_path):
-    import recipe.train  # noqa: F401  (imported once here, so each forked trainer starts in a moment)
     from deepspeed.comm.torch import build_shm_op
 
     # DeepSpeed JIT-builds its CPU shared-memory comm op on first use in a new environment (~100 s). A
@@ -44,7 +43,10 @@ def test_kill_at_random_moments_never_loses_a_checkpoint(tiny_data, tmp_path):
                                                                      log_every=1))
     ds = write_ds_config(tmp_path / "ds.json", base="zero1_fp32.json")
     run_dir = tmp_path / "run"
-    ctx = mp.get_context("fork")
+    # Trainers start from a fork server that has only imported the libraries: forking this pytest process
+    # itself could copy a live OpenMP thread pool from earlier tests, which hangs the child.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["deepspeed", "recipe.train"])
     rng = random.Random(1234)
     history, interrupted_saves = [], 0
     for kill in range(KILLS):
