@@ -94,7 +94,8 @@ def setup(args: argparse.Namespace) -> Setup:
 
     has_checkpoint = checkpoint_root(run_dir).is_dir() and any(checkpoint_root(run_dir).iterdir())
     if config.train.resume:
-        if latest_tag(run_dir) is None:
+        tag = latest_tag(run_dir)
+        if tag is None:
             raise ConfigError(f"--resume: no complete checkpoint in {checkpoint_root(run_dir)}; "
                               f"train without --resume first")
         saved = json.loads((run_dir / "config.json").read_text())["config"]
@@ -105,7 +106,6 @@ def setup(args: argparse.Namespace) -> Setup:
                 f"--resume into {run_dir}, which was trained with another model config "
                 f"(saved vs now: {diff or saved['model_type']}); use the same config or a new --run_dir"
             )
-        tag = latest_tag(run_dir)
         saved_layout = load_recipe_state(run_dir, tag, 0)
         same_layout = (saved_layout["world_size"], saved_layout["ep_size"]) == (world_size, ds.ep_size)
         if not same_layout and not args.reshard:

@@ -28,19 +28,9 @@ def _build(ep_size, k, drop_tokens, balance_global, seed=0):
 
 def _load_slice(sharded, full, ep_rank):
     """Give ``sharded`` (local experts only) the weights of ``full``'s experts owned by ``ep_rank``."""
-    state = full.state_dict()
-    local = sharded.num_local_experts
-    prefix = "deepspeed_moe.experts.deepspeed_experts."
-    sliced = {}
-    for key, value in state.items():
-        if key.startswith(prefix):
-            expert, rest = key[len(prefix):].split(".", 1)
-            expert = int(expert)
-            if ep_rank * local <= expert < (ep_rank + 1) * local:
-                sliced[f"{prefix}{expert - ep_rank * local}.{rest}"] = value
-        else:
-            sliced[key] = value
-    sharded.load_state_dict(sliced)
+    from recipe.checkpoint import shard_experts
+
+    sharded.load_state_dict(shard_experts(full.state_dict(), ep_rank, sharded.num_local_experts))
 
 
 def _worker(rank, world_size, port, cases, result_dir):
