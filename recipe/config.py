@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 MODEL_TYPES = {"INTERNLM_MoE": True, "INTERNLM": False}  # name -> has MoE layers
+MOE_IMPLS = ("recipe", "deepspeed")
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,10 @@ class ModelConfig:
     moe_expert: str = "swiglu"
     moe_gate: str = "gshard"
     moe_balance_over_data_parallel: bool = True
+    # Which layer fills the MoE FFN slots: "recipe" (ours, recipe.model.moe.MoE) or "deepspeed"
+    # (deepspeed.moe.layer.MoE with our SwiGLU expert), the baseline of the end-to-end benchmark
+    # (bench/e2e_bench.py). "deepspeed" reports no routing telemetry (no expert-load heatmaps).
+    moe_impl: str = "recipe"
 
     @property
     def head_dim(self) -> int:
@@ -258,12 +263,38 @@ def validate(config: RecipeConfig) -> None:
                  f"`model.moe_noisy_gate_policy` must be None, 'Jitter' or 'RSample', got {m.moe_noisy_gate_policy!r}")
         _require(m.moe_second_expert_policy in ("argmax", "sampling"),
                  f"`model.moe_second_expert_policy` must be 'argmax' or 'sampling', got {m.moe_second_expert_policy!r}")
+        _require(m.moe_impl in MOE_IMPLS, f"`model.moe_impl` must be one of {MOE_IMPLS}, got {m.moe_impl!r}")
+        if m.moe_impl == "deepspeed":
+            _validate_deepspeed_moe(config)
     for name in ("moe_loss_coeff", "router_z_loss_coeff"):
         _require(getattr(config.loss, name) >= 0, f"`loss.{name}` must be >= 0")
     _require(t.wandb in ("offline", "online", "disabled"),
              f"`train.wandb` must be 'offline', 'online' or 'disabled', got {t.wandb!r}")
     for name in ("steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps"):
         _require(getattr(t, name) > 0, f"`train.{name}` must be > 0, got {getattr(t, name)}")
+
+
+def _validate_deepspeed_moe(config: RecipeConfig) -> None:
+    """Settings ``deepspeed.moe.layer.MoE`` (0.19) cannot express are refused, never silently changed."""
+    m, why = config.model, "with `model.moe_impl='deepspeed'` (the benchmarking baseline)"
+    _require(m.moe_expert == "swiglu",
+             f"`model.moe_expert={m.moe_expert!r}` {why}: only the SwiGLU expert is built for DeepSpeed's layer; "
+             f"use moe_impl='recipe' for registered experts")
+    _require(m.moe_gate == "gshard",
+             f"`model.moe_gate={m.moe_gate!r}` {why}: DeepSpeed's layer has its own GShard gate only; "
+             f"use moe_impl='recipe' for registered gates")
+    if m.moe_gate_k == 2:
+        # DeepSpeed's top-2 gate ignores both silently.
+        _require(m.moe_noisy_gate_policy is None,
+                 f"`model.moe_noisy_gate_policy={m.moe_noisy_gate_policy!r}` {why}: DeepSpeed's top-2 gate ignores "
+                 f"it; set it to None or use moe_gate_k=1")
+        _require(not m.moe_use_rts, f"`model.moe_use_rts=True` {why}: DeepSpeed's top-2 gate ignores it; set it False")
+    _require(not m.moe_balance_over_data_parallel,
+             f"`model.moe_balance_over_data_parallel=True` {why}: DeepSpeed computes the balancing loss per rank; "
+             f"set model.moe_balance_over_data_parallel=False")
+    _require(config.loss.router_z_loss_coeff == 0,
+             f"`loss.router_z_loss_coeff={config.loss.router_z_loss_coeff}` {why}: DeepSpeed's layer has no router "
+             f"z-loss; set it to 0")
 
 
 def parameter_counts(config: RecipeConfig) -> dict[str, int]:

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
 from ..config import RecipeConfig
 from .moe import MoE, RoutingStats, SwiGLU
 from .moe.experts import EXPERT_KEY_PREFIX
@@ -29,7 +31,7 @@ class LMOutput:
     lm_loss: Optional[torch.Tensor]  # () mean next-token cross-entropy, None without targets
     moe_loss: torch.Tensor  # () Σ_layers l_aux (0 for dense models)
     z_loss: torch.Tensor  # () Σ_layers router z-loss
-    routing: list[RoutingStats]  # one per MoE layer, in layer order
+    routing: list[RoutingStats]  # one per MoE layer, in layer order; empty with model.moe_impl="deepspeed"
     moe_layer_losses: list[torch.Tensor]  # l_aux of each MoE layer (detached), in layer order
 
 
@@ -73,6 +75,23 @@ class CausalSelfAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
 
+def deepspeed_moe_layer(config: RecipeConfig, ep_size: int) -> DeepSpeedMoE:
+    """``deepspeed.moe.layer.MoE`` with our SwiGLU expert and the config's routing (``model.moe_impl='deepspeed'``).
+
+    The benchmarking baseline: same parameter names as our layer (``deepspeed_moe.gate.wg.weight``,
+    ``deepspeed_moe.experts.deepspeed_experts.{i}.w1.weight`` ...), so ``init_weights`` gives both the
+    same weights and checkpoints, export and generation treat both alike. Settings DeepSpeed cannot
+    express are refused by ``recipe.config``.
+    """
+    m = config.model
+    return DeepSpeedMoE(
+        m.hidden_size, SwiGLU(m.hidden_size, m.ffn_size), num_experts=m.num_experts, ep_size=ep_size, k=m.moe_gate_k,
+        capacity_factor=m.moe_capacity_factor, eval_capacity_factor=m.moe_eval_capacity_factor,
+        min_capacity=m.moe_min_capacity, noisy_gate_policy=m.moe_noisy_gate_policy, drop_tokens=m.moe_drop_tokens,
+        use_rts=m.moe_use_rts, top2_2nd_expert_sampling=m.moe_second_expert_policy == "sampling",
+    )
+
+
 class Block(nn.Module):
     def __init__(self, config: RecipeConfig, use_moe: bool, ep_size: int):
         super().__init__()
@@ -81,7 +100,10 @@ class Block(nn.Module):
         self.attention = CausalSelfAttention(m.hidden_size, m.num_attention_heads)
         self.ffn_norm = RMSNorm(m.hidden_size, m.norm_eps)
         self.shared_mlp = None
-        if use_moe:
+        self.is_moe = use_moe
+        if use_moe and m.moe_impl == "deepspeed":
+            self.ffn = deepspeed_moe_layer(config, ep_size)
+        elif use_moe:
             self.ffn = MoE(
                 m.hidden_size, m.num_experts, k=m.moe_gate_k, capacity_factor=m.moe_capacity_factor,
                 eval_capacity_factor=m.moe_eval_capacity_factor, min_capacity=m.moe_min_capacity,
@@ -104,10 +126,16 @@ class Block(nn.Module):
         if isinstance(self.ffn, MoE):
             moe = self.ffn(h, token_mask)
             out, l_aux, z_loss, stats = moe.output, moe.l_aux, moe.z_loss, moe.stats
-            if self.shared_mlp is not None:
-                out = out + self.shared_mlp(h)
+        elif self.is_moe:  # deepspeed.moe.layer.MoE: (output, l_aux, expert counts), no routing telemetry
+            if token_mask is not None:
+                raise ValueError("token_mask (padding) is not supported with model.moe_impl='deepspeed': "
+                                 "DeepSpeed's top-2 gate ignores it; use moe_impl='recipe'")
+            out, l_aux, _ = self.ffn(h)
+            l_aux, z_loss, stats = l_aux.float(), zero, None
         else:
             out, l_aux, z_loss, stats = self.ffn(h), zero, zero, None
+        if self.shared_mlp is not None:
+            out = out + self.shared_mlp(h)
         return x + out, l_aux, z_loss, stats
 
 
@@ -127,8 +155,14 @@ class TransformerLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def moe_layers(self) -> list[MoE]:
-        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+    def moe_layers(self) -> list[DeepSpeedMoE]:
+        """The MoE FFN layers in layer order: ours, or DeepSpeed's with ``model.moe_impl='deepspeed'``."""
+        return [block.ffn for block in self.blocks if block.is_moe]
+
+    @property
+    def reports_routing(self) -> bool:
+        """Whether ``forward`` returns routing telemetry (``LMOutput.routing``): only our MoE layer does."""
+        return any(isinstance(layer, MoE) for layer in self.moe_layers())
 
     @torch.no_grad()
     def init_weights(self, seed: int, ep_rank: int = 0) -> None:
@@ -169,6 +203,7 @@ class TransformerLM(nn.Module):
             z_loss = z_loss + z
             if stats is not None:
                 routing.append(stats)
+            if block.is_moe:
                 layer_losses.append(l_aux.detach())
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         lm_loss = None
