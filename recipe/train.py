@@ -278,7 +278,7 @@ def train(run: Setup, samples: int = 0) -> int:
     def evaluate(step: int) -> float:
         engine.eval()
         totals = torch.zeros(2, dtype=torch.float64)
-        eval_tally = RoutingTally(len(model.moe_layers()), config.model.num_experts) if config.is_moe else None
+        eval_tally = RoutingTally(len(model.moe_layers()), config.model.num_experts) if model.reports_routing else None
         with torch.no_grad():
             for x, y in eval_batches(val_data, config.data.seq_len, ds.micro_batch_size, rank, world_size,
                                      max_batches=config.train.eval_batches):
@@ -319,7 +319,7 @@ def train(run: Setup, samples: int = 0) -> int:
     # ---- training loop ----
     gas, tokens_per_step = ds.grad_accum_steps, ds.global_batch_size(world_size) * config.data.seq_len
     loss_coeff, z_coeff = config.loss.moe_loss_coeff, config.loss.router_z_loss_coeff
-    tally = RoutingTally(len(model.moe_layers()), config.model.num_experts) if config.is_moe else None
+    tally = RoutingTally(len(model.moe_layers()), config.model.num_experts) if model.reports_routing else None
     running = torch.zeros(5, dtype=torch.float64)  # loss, lm, moe, z, micro-steps (since last log)
     bad_steps, val_loss = 0, float("nan")
     last_log_time, last_log_step, started = time.time(), start_step, time.time()
