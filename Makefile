@@ -52,9 +52,16 @@ generate: install
 compare: install data
 	$(PY) -m recipe.compare --nproc $(NPROC)
 
-# Layer benchmark: our MoE vs deepspeed.moe.layer.MoE vs experts-only vs dense (ratios, tokens/s, peak
-# memory), written to bench_results/layer.json. Use an idle machine: timings are side by side but shared
-# cores still skew them. BENCH_ARGS=--quick runs a one-minute subset.
-.PHONY: bench
-bench: install
+# Benchmarks; use an idle machine: timings are side by side but shared cores still skew them.
+# bench-layer: our MoE vs deepspeed.moe.layer.MoE vs experts-only vs dense (ratios, tokens/s, peak memory),
+#   written to bench_results/layer.json. BENCH_ARGS=--quick runs a one-minute subset.
+# bench-e2e: training tokens/s of the default model on 2 ranks (EP=2, ZeRO-2 fp32) with our layer vs
+#   DeepSpeed's in the FFN slots, alternating runs, to bench_results/e2e.json (~4 minutes; E2E_ARGS=--quick).
+.PHONY: bench bench-layer bench-e2e
+bench: bench-layer bench-e2e
+
+bench-layer: install
 	$(PY) -m bench.layer_bench $(BENCH_ARGS)
+
+bench-e2e: install
+	$(PY) -m bench.e2e_bench $(E2E_ARGS)
