@@ -195,7 +195,7 @@ def train(run: Setup, samples: int = 0) -> int:
     from deepspeed.utils import logger as ds_logger
 
     from .checkpoint import begin as begin_checkpoint
-    from .checkpoint import checkpoint_root, consolidated_state_dict, load_recipe_state, prune, rng_state
+    from .checkpoint import checkpoint_root, consolidated_state_dict, latest_tag, load_recipe_state, prune, rng_state
     from .checkpoint import commit as commit_checkpoint
     from .checkpoint import save_recipe_state, set_rng_state, shard_experts, step_tag
     from .data.loader import BatchLoader, TokenDataset, eval_batches
@@ -239,6 +239,14 @@ def train(run: Setup, samples: int = 0) -> int:
     weight_decay = ds.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                                    config=ds.deepspeed)
+    # Non-finite guard, part 1. DeepSpeed's ZeRO-1/2 optimizer and its bf16/fp16 wrappers look at the gradients
+    # before every update and, if any is inf/NaN (on any rank), apply nothing and set their `overflow` flag;
+    # the engine then skips the LR scheduler step too and counts the step in `skipped_steps`. A plain torch
+    # optimizer (ZeRO-0 fp32) has no such check: the recipe checks the gradients itself and, for a bad step,
+    # has the engine run a no-op optimizer step and read the same `overflow` attribute (see the loop).
+    own_grad_check = not hasattr(engine.optimizer, "overflow")
+    if own_grad_check:
+        engine.optimizer.overflow = False
     device = engine.device
     train_data = TokenDataset(Path(config.data.path), "train")
     val_data = TokenDataset(Path(config.data.path), "val")
@@ -331,33 +339,77 @@ def train(run: Setup, samples: int = 0) -> int:
         f"on {world_size} ranks, ep_size {ds.ep_size}, ZeRO-{ds.zero_stage} {ds.precision}, "
         f"{tokens_per_step} tokens/step, steps {start_step + 1}..{config.train.steps}")
 
+    def grads_finite() -> bool:
+        """Every gradient of every rank finite (ZeRO-0 fp32 only: after the boundary's all-reduce)."""
+        flags = [torch.isfinite(p.grad).all() for p in engine.module.parameters() if p.grad is not None]
+        local = torch.stack(flags).all() if flags else torch.tensor(True)
+        return all_reduce(local.float().reshape(1).cpu()).item() == world_size
+
+    save_due = False
     for step in range(start_step + 1, config.train.steps + 1):
         # -- one optimizer step: gas micro-batches, each forward / backward / engine.step() --
-        for _ in range(gas):
+        # Non-finite guard, part 2: a micro-batch whose loss is inf/NaN on any rank is back-propagated as NaN
+        # on every rank, so the step's gradients are non-finite everywhere and the optimizer's check (DeepSpeed's,
+        # or ours below) skips the whole step: no weight, Adam moment or LR change. Every rank still runs every
+        # backward and engine.step(), so collectives and DeepSpeed's micro-step counter stay in line.
+        bad_loss = False
+        for micro in range(gas):
             x, y = loader.next_batch()
             out = engine(x.to(device), y.to(device))
             loss = out.lm_loss + loss_coeff * out.moe_loss + z_coeff * out.z_loss
             finite = all_reduce(torch.tensor([float(torch.isfinite(loss).item())])).item() == world_size
-            if not finite:  # every rank skips this micro-batch, so collectives stay matched
-                bad_steps += 1
-                if bad_steps >= config.train.max_bad_steps:
-                    log(f"error: {bad_steps} consecutive non-finite losses at step {step}; stopping. The last "
-                        f"checkpoint in {checkpoint_root(run_dir)} is intact; lower the learning rate and --resume")
-                    return 3
-                continue
-            bad_steps = 0
+            if not finite:
+                bad_loss = True
+                loss = loss * float("nan")
             engine.backward(loss)
-            engine.step()
-            running += torch.tensor([loss.item(), out.lm_loss.item(), out.moe_loss.item(), out.z_loss.item(), 1.0],
-                                    dtype=torch.float64)
-            if tally is not None:
-                tally.add(out.routing, out.moe_layer_losses)
+            if own_grad_check and micro == gas - 1 and not grads_finite():
+                # This one engine.step() runs a no-op in place of the optimizer's step and reads `overflow`: it
+                # clears the gradients, leaves the LR scheduler alone and counts a skipped step, as it does for
+                # DeepSpeed's own optimizers.
+                engine.optimizer.step = lambda *args, **kwargs: None  # shadows the method on this instance
+                engine.optimizer.overflow = True
+                try:
+                    engine.step()
+                finally:
+                    del engine.optimizer.step
+                    engine.optimizer.overflow = False
+            else:
+                engine.step()
+            if finite:
+                running += torch.tensor([loss.item(), out.lm_loss.item(), out.moe_loss.item(), out.z_loss.item(), 1.0],
+                                        dtype=torch.float64)
+                if tally is not None:
+                    tally.add(out.routing, out.moe_layer_losses)
+        applied = all_reduce(torch.tensor([float(engine.was_step_applied())])).item()
+        if 0 < applied < world_size:
+            raise RuntimeError(f"step {step} was applied on {applied:.0f} of {world_size} ranks; the weights diverged")
+        # fp16: the loss scaler skips its own overflow steps (and lowers the scale); only a non-finite loss counts.
+        if bad_loss or (applied == 0 and ds.precision != "fp16"):
+            bad_steps += 1
+            log(f"warning: step {step} skipped (non-finite {'loss' if bad_loss else 'gradients'}), {bad_steps} in a "
+                f"row; stopping after {config.train.max_bad_steps}")
+            if bad_steps >= config.train.max_bad_steps:
+                if progress is not None:
+                    progress.close()
+                metrics.close()
+                if is_main:
+                    newest = latest_tag(run_dir)
+                    kept = (f"the newest complete checkpoint, {newest}, is untouched: fix the cause (lower the learning "
+                            f"rate, check the data) and restart with --resume" if newest else
+                            "no checkpoint was saved yet: fix the cause (lower the learning rate, check the data) and "
+                            "start again")
+                    print(f"error: {bad_steps} consecutive steps with non-finite loss or gradients (steps "
+                          f"{step - bad_steps + 1}..{step}, all skipped); stopped without saving; {kept}",
+                          file=sys.stderr, flush=True)
+                return 3
+        else:
+            bad_steps = 0
 
         if progress is not None:
             progress.update(1)
         if step % config.train.log_every == 0 or step == config.train.steps:
             sums = all_reduce(running)
-            n = max(sums[4].item(), 1.0)
+            n = sums[4].item() or float("nan")  # NaN losses when every micro-batch since the last log was skipped
             now = time.time()
             grad_norm = engine.get_global_grad_norm()
             record = {
@@ -365,7 +417,7 @@ def train(run: Setup, samples: int = 0) -> int:
                 "z_loss": sums[3].item() / n, "lr": scheduler.get_last_lr()[0] if scheduler else engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": tokens_per_step * (step - last_log_step) / max(now - last_log_time, 1e-9),
-                "elapsed_s": now - started,
+                "elapsed_s": now - started, "skipped_steps": engine.skipped_steps,
             }
             if tally is not None:
                 record["moe"] = tally.reduce_and_reset(all_reduce)
@@ -379,8 +431,12 @@ def train(run: Setup, samples: int = 0) -> int:
             last_log_time, last_log_step = now, step
         if step % config.train.eval_every == 0 or step == config.train.steps:
             val_loss = evaluate(step)
-        if step % config.train.save_every == 0 or step == config.train.steps:
+        # A save due during a run of skipped steps waits for the next good step (or the end of the run), so
+        # a checkpoint never hides a streak that is about to stop training.
+        save_due = save_due or step % config.train.save_every == 0
+        if (save_due and bad_steps == 0) or step == config.train.steps:
             save(step)
+            save_due = False
 
     if progress is not None:
         progress.close()
