@@ -4,7 +4,8 @@ Layout under ``<run_dir>/checkpoints/``::
 
     latest                                   tag of the newest complete checkpoint (replaced atomically)
     step00000200/
-        COMPLETE                             written by rank 0 once every file of every rank is in place
+        COMPLETE                             written by rank 0 once every file of every rank is in place:
+                                             the tag, then one line per file: name and size in bytes
         mp_rank_00_model_states.pt           non-expert weights, LR schedule, client state (DeepSpeed)
         layer_{L}_expert_{E}_mp_rank_00_model_states.pt   one file per expert per MoE layer (DeepSpeed)
         *_optim_states.pt                    ZeRO / optimizer shards (DeepSpeed)
@@ -117,8 +118,48 @@ def commit(run_dir: str | Path, tag: str, world_size: int, moe_layers: int, num_
     if missing:
         raise RuntimeError(f"checkpoint {folder} is incomplete after saving (missing {missing[:5]}); "
                            f"`latest` still names the previous checkpoint")
-    _write_atomic(folder / COMPLETE, f"{tag}\n")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != COMPLETE)
+    listing = "".join(f"{p.name} {p.stat().st_size}\n" for p in files)
+    _write_atomic(folder / COMPLETE, f"{tag}\n# every file of this checkpoint and its size in bytes, checked by --resume\n"
+                                     f"{listing}")
     _write_atomic(checkpoint_root(run_dir) / LATEST, tag)
+
+
+def recorded_files(folder: Path) -> Optional[dict[str, int]]:
+    """{file name: size in bytes} that ``COMPLETE`` lists; None for a marker without the list (older recipe)."""
+    lines = (folder / COMPLETE).read_text().splitlines()[1:]
+    entries = [line.rsplit(" ", 1) for line in lines if line.strip() and not line.startswith("#")]
+    return {name: int(size) for name, size in entries} if entries else None
+
+
+def damaged_files(folder: Path) -> list[str]:
+    """The files of a complete checkpoint that are gone or changed size since it was committed, described."""
+    recorded = recorded_files(folder)
+    damaged = []
+    for name, size in (recorded or {}).items():
+        path = folder / name
+        if not path.is_file():
+            damaged.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            damaged.append(f"{name} is {path.stat().st_size} bytes, was {size} when saved")
+    return damaged
+
+
+def resume_problem(run_dir: str | Path, tag: str) -> Optional[str]:
+    """Why checkpoint ``tag`` cannot be resumed (damaged files), with what to do instead; None if it is whole.
+    Never switches to another checkpoint by itself: the user decides."""
+    root = checkpoint_root(run_dir)
+    damaged = damaged_files(root / tag)
+    if not damaged:
+        return None
+    more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+    older = [t for t in reversed(complete_tags(run_dir)) if t < tag and not damaged_files(root / t)]
+    if older:
+        fix = (f"the newest intact older checkpoint is {older[0]}: to resume from it, move {root / tag} out of "
+               f"{root} (or delete it) and run --resume again")
+    else:
+        fix = f"no older intact checkpoint is left in {root}: restore the files, or train anew in another --run_dir"
+    return f"checkpoint {tag} in {root} is damaged: {damaged[0]}{more}; nothing was loaded or written; {fix}"
 
 
 def prune(run_dir: str | Path, keep_last: int) -> list[str]:

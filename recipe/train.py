@@ -90,7 +90,7 @@ def setup(args: argparse.Namespace) -> Setup:
         )
 
     run_dir = Path(config.train.run_dir)
-    from .checkpoint import checkpoint_root, latest_tag, load_recipe_state
+    from .checkpoint import checkpoint_root, latest_tag, load_recipe_state, resume_problem
 
     has_checkpoint = checkpoint_root(run_dir).is_dir() and any(checkpoint_root(run_dir).iterdir())
     if config.train.resume:
@@ -98,6 +98,9 @@ def setup(args: argparse.Namespace) -> Setup:
         if tag is None:
             raise ConfigError(f"--resume: no complete checkpoint in {checkpoint_root(run_dir)}; "
                               f"train without --resume first")
+        problem = resume_problem(run_dir, tag)  # files missing or changed size since the checkpoint was committed
+        if problem:
+            raise ConfigError(problem)
         saved = json.loads((run_dir / "config.json").read_text())["config"]
         mismatched = [key for key in ("model_type", "model") if saved[key] != config.to_dict()[key]]
         if mismatched:
@@ -265,10 +268,26 @@ def train(run: Setup, samples: int = 0) -> int:
             f"weights, data position and LR schedule carried over; optimizer moments restart from zero")
     elif config.train.resume:
         tag = run.resume_tag
-        own = load_recipe_state(run_dir, tag, rank)
-        engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
-        loader.load_state_dict(own["loader"])
-        set_rng_state(own["rng"])
+        # setup() checked the files' sizes; what can still fail (a file damaged in place, an older checkpoint
+        # without sizes) ends every rank with one line instead of a DeepSpeed traceback. Loading involves no
+        # collective, so the ranks meet again in the all-reduce below whatever happened.
+        failure = None
+        try:
+            own = load_recipe_state(run_dir, tag, rank)
+            loaded, _ = engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
+            if loaded is None:
+                raise FileNotFoundError("DeepSpeed found no model states file in it")
+            loader.load_state_dict(own["loader"])
+            set_rng_state(own["rng"])
+        except Exception as exc:  # noqa: BLE001 - anything here means the checkpoint cannot be used
+            failure = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if all_reduce(torch.tensor([float(failure is not None)])).item():
+            if failure is not None:
+                print(f"error: rank {rank} cannot load checkpoint {tag} from {checkpoint_root(run_dir)} ({failure}); "
+                      f"its files are damaged: move that folder out of {checkpoint_root(run_dir)} (or delete it) to "
+                      f"--resume from the newest older complete checkpoint; nothing was written", file=sys.stderr,
+                      flush=True)
+            return 2
         start_step = own["step"]
         log(f"resumed from {tag} (step {start_step})")
     elif is_main:

@@ -79,3 +79,40 @@ def test_consolidated_state_reports_missing_or_corrupt_expert_files(tmp_path):
         consolidated_state_dict(checkpoint_root(tmp_path))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         consolidated_state_dict(tmp_path / "elsewhere")
+
+
+def test_complete_lists_every_file_with_its_size_and_resume_names_the_damage(tmp_path):
+    from recipe.checkpoint import damaged_files, recorded_files, resume_problem
+
+    for step in (10, 20):
+        fake_save(tmp_path, step)
+        commit(tmp_path, step_tag(step), 2, 1, 2)
+    folder = checkpoint_root(tmp_path) / "step00000020"
+    recorded = recorded_files(folder)
+    assert recorded == {p.name: p.stat().st_size for p in folder.iterdir() if p.name != COMPLETE}
+    assert (folder / COMPLETE).read_text().splitlines()[0] == "step00000020"  # still names its tag first
+    assert resume_problem(tmp_path, "step00000020") is None
+
+    expert = folder / "layer_0_expert_1_mp_rank_00_model_states.pt"
+    expert.write_bytes(expert.read_bytes()[:10])
+    (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    assert damaged_files(folder) == [f"layer_0_expert_1_mp_rank_00_model_states.pt is 10 bytes, was "
+                                     f"{recorded[expert.name]} when saved",
+                                     "zero_pp_rank_0_mp_rank_00_optim_states.pt is missing"]
+    problem = resume_problem(tmp_path, "step00000020")
+    assert problem.startswith("checkpoint step00000020 in ") and "(and 1 more)" in problem
+    assert "newest intact older checkpoint is step00000010" in problem and "--resume" in problem
+    assert latest_tag(tmp_path) == "step00000020"  # nothing switched behind the user's back
+
+    # With the older one damaged too there is nothing to fall back on, and the message says so.
+    (checkpoint_root(tmp_path) / "step00000010" / MODEL_FILE).write_bytes(b"")
+    assert "no older intact checkpoint" in resume_problem(tmp_path, "step00000020")
+
+
+def test_complete_markers_without_sizes_are_still_accepted(tmp_path):
+    from recipe.checkpoint import recorded_files, resume_problem
+
+    folder = fake_save(tmp_path, 10)
+    (folder / COMPLETE).write_text("step00000010\n")  # what earlier versions of the recipe wrote
+    assert latest_tag(tmp_path) == "step00000010"
+    assert recorded_files(folder) is None and resume_problem(tmp_path, "step00000010") is None
