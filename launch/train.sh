@@ -85,4 +85,27 @@ else
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$PY" "${LAUNCH[@]}" --module recipe.train "${ARGS[@]}" "${EXTRA[@]}"
+set +e
+"$PY" "${LAUNCH[@]}" --module recipe.train "${ARGS[@]}" "${EXTRA[@]}"
+rc=$?
+set -e
+if [ "$rc" -eq 2 ]; then
+  echo "launch/train.sh: nothing was trained (exit 2): see the error above" >&2
+elif [ "$rc" -ne 0 ]; then
+  # The newest complete checkpoint of the run dir (--run_dir, else train.run_dir of the config and --set).
+  TAG=$("$PY" - "$CONFIG" "$RUN_DIR" "${EXTRA[@]}" 2>/dev/null <<'PY'
+import sys
+config, run_dir, *extra = sys.argv[1:]
+flags = dict(zip(extra, extra[1:]))
+run_dir = flags.get("--run_dir", run_dir)
+if not run_dir:
+    from recipe.config import load_config
+    run_dir = load_config(config, [v for k, v in zip(extra, extra[1:]) if k == "--set"]).train.run_dir
+from recipe.checkpoint import latest_tag
+print(latest_tag(run_dir) or "none (nothing saved yet)", end="")
+PY
+  ) || TAG="unknown"
+  echo "launch/train.sh: training failed (exit $rc); newest complete checkpoint: $TAG; if a rank died or was" \
+       "killed, run the same command with -- --resume to continue from it" >&2
+fi
+exit "$rc"

@@ -1,0 +1,90 @@
+"""One rank dies (SIGKILL) in a 2-rank launch: the whole launch ends with a non-zero exit and one line from
+launch/train.sh naming the newest complete checkpoint, which then resumes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, _free_port, launch, read_metrics, write_config, write_ds_config
+from recipe.checkpoint import checkpoint_root, consolidated_state_dict, latest_tag, resume_problem
+
+pytestmark = pytest.mark.multirank
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return sum('"loss"' in line for line in path.read_text().splitlines())
+
+
+def test_a_killed_rank_ends_the_launch_and_the_newest_checkpoint_resumes(tiny_data, tmp_path):
+    config = write_config(tmp_path / "cfg.py", tiny_data, train=dict(steps=100000, save_every=2, keep_last=2))
+    ds = write_ds_config(tmp_path / "ds.json", moe_recipe={"ep_size": 2})
+    run_dir = tmp_path / "run"
+    port = str(_free_port())
+    cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nproc", "2", "--config", str(config), "--ds_config", str(ds),
+           "--run_dir", str(run_dir), "--python", sys.executable]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "MASTER_PORT": port, "PYTHONUNBUFFERED": "1"})
+    try:
+        # Wait for a committed checkpoint and a step after it (start-up time varies with the machine's load).
+        deadline = time.time() + 600
+        while (latest_tag(run_dir) is None or _logged_steps(run_dir) < 3) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        rank1 = [pid for pid in _descendants(proc.pid)
+                 if "recipe.train" in _cmdline(pid) and "--local_rank=1" in _cmdline(pid)]
+        assert len(rank1) == 1, [_cmdline(pid) for pid in _descendants(proc.pid)]
+        os.kill(rank1[0], signal.SIGKILL)
+        try:
+            _, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the launch did not end within 90 s after one of its ranks was killed")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            path.unlink(missing_ok=True)
+    assert proc.returncode != 0
+    tag = latest_tag(run_dir)
+    lines = [line for line in err.splitlines() if line.startswith("launch/train.sh: training failed")]
+    assert len(lines) == 1 and f"newest complete checkpoint: {tag};" in lines[0] and "--resume" in lines[0], err[-3000:]
+
+    # The newest complete checkpoint is whole and resumes for one more step.
+    assert resume_problem(run_dir, tag) is None
+    consolidated_state_dict(checkpoint_root(run_dir), tag)
+    step = int(tag.removeprefix("step"))
+    proc = launch(2, config, ds, run_dir, "--resume", "--set", f"train.steps={step + 1}")
+    assert f"resumed from {tag}" in proc.stdout
+    records, _ = read_metrics(run_dir)
+    assert records[-1]["step"] == step + 1
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == step + 1
