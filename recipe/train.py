@@ -82,6 +82,11 @@ def setup(args: argparse.Namespace) -> Setup:
             f"`model.vocab_size` ({config.model.vocab_size}) differs from the tokenizer of {config.data.path} "
             f"({train_data.vocab_size}); set model.vocab_size={train_data.vocab_size} or prepare the data again"
         )
+    made_by = train_data.meta.get("tokenizer_sha256")  # None in data prepared without it: nothing to compare
+    tokenizer = Path(config.data.path) / train_data.meta.get("tokenizer_model", "tokenizer.model")
+    if made_by and tokenizer.is_file() and _sha256(tokenizer) != made_by:
+        raise ConfigError(f"{tokenizer} is not the tokenizer the token shards in {config.data.path} were made with "
+                          f"(sha256 differs); prepare the data again (make data) or put that tokenizer back")
     samples = (train_data.num_tokens - 1) // config.data.seq_len
     if samples < ds.micro_batch_size * world_size:
         raise ConfigError(
@@ -101,6 +106,11 @@ def setup(args: argparse.Namespace) -> Setup:
         problem = resume_problem(run_dir, tag)  # files missing or changed size since the checkpoint was committed
         if problem:
             raise ConfigError(problem)
+        trained_with = run_dir / "tokenizer.model"
+        if made_by and trained_with.is_file() and _sha256(trained_with) != made_by:
+            raise ConfigError(f"--resume into {run_dir}, trained on tokens of its {trained_with.name}, but the shards "
+                              f"in {config.data.path} were made by another tokenizer; resume with the data it was "
+                              f"trained on, or train anew in another --run_dir")
         saved = json.loads((run_dir / "config.json").read_text())["config"]
         mismatched = [key for key in ("model_type", "model") if saved[key] != config.to_dict()[key]]
         if mismatched:
@@ -131,6 +141,12 @@ def setup(args: argparse.Namespace) -> Setup:
     elif args.reshard:
         raise ConfigError("--reshard only makes sense with --resume")
     return Setup(config=config, ds=ds, run_dir=run_dir, world_size=world_size)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

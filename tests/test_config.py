@@ -200,3 +200,26 @@ def test_resume_into_run_of_another_config(tiny_data, tmp_path, capsys, monkeypa
     (run / "config.json").write_text(json.dumps({"config": saved}))
     code, err = _run_main(tmp_path, tiny_data, capsys, "--resume")
     assert code == 2 and "trained with another model config" in err and "num_experts" in err
+
+
+def test_shards_of_another_tokenizer_are_refused(tiny_data, tmp_path, capsys, monkeypatch):
+    """The data folder's tokenizer is not the one its shards were made with; and --resume of a run trained on
+    another tokenizer's tokens. Both refused before anything starts; the run dir's tokenizer is not replaced."""
+    import shutil
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "tokenizer.model").write_bytes((tiny_data / "tokenizer.model").read_bytes() + b"\0")
+    code, err = _run_main(tmp_path, data, capsys)
+    assert code == 2 and "is not the tokenizer the token shards" in err and "prepare the data again" in err
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step00000003").mkdir(parents=True)
+    (run / "checkpoints" / "step00000003" / "COMPLETE").write_text("step00000003")
+    (run / "tokenizer.model").write_bytes(b"another tokenizer")
+    config = write_config(tmp_path / "cfg.py", tiny_data)
+    (run / "config.json").write_text(json.dumps({"config": load_config(config).to_dict()}))
+    code, err = _run_main(tmp_path, tiny_data, capsys, "--resume")
+    assert code == 2 and "made by another tokenizer" in err and "another --run_dir" in err
+    assert (run / "tokenizer.model").read_bytes() == b"another tokenizer"
