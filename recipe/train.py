@@ -207,6 +207,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     return train(run, samples=args.samples)
 
 
+def release_shm_workspace(rank: int, barrier) -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory allreduce segment once every rank has mapped it.
+
+    On one node the CPU accelerator's shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+    <port>_<rank>`` (about 66 MB per rank) and never removes it: every run, finished or killed, would leave that
+    much RAM taken until reboot. The mappings stay valid after the name is gone; the memory is freed when the
+    last rank exits. The barrier makes sure no rank is still opening a peer's segment by name.
+    """
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+           f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    barrier()
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def train(run: Setup, samples: int = 0) -> int:
     import deepspeed
     import torch.distributed as dist
@@ -230,6 +244,7 @@ def train(run: Setup, samples: int = 0) -> int:
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
+    release_shm_workspace(rank, dist.barrier)
     torch.manual_seed(config.train.seed * 1000 + rank)  # per-rank stream for routing noise, if enabled
 
     def all_reduce(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_leaked_shm_segments():
+    """Ranks killed on purpose (crash, rank-death and guard tests) before the trainer unlinked DeepSpeed's shm
+    allreduce segments leave them in /dev/shm, ~66 MB of RAM each; remove this session's at the end."""
+    started = time.time()
+    yield
+    for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        try:
+            if path.stat().st_mtime >= started - 1:
+                path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +88,15 @@ def launch(nproc: int, config: Path, ds_config: Path, run_dir: Path, *extra: str
     cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nproc", str(nproc), "--config", str(config),
            "--ds_config", str(ds_config), "--run_dir", str(run_dir), "--python", sys.executable, "--", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # DeepSpeed's CPU shm allreduce segments of this run (~66 MB per rank): the trainer unlinks them after
+    # start-up; whatever a run that failed before that left behind is removed here so RAM does not fill up.
+    leftover = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))
+    for path in leftover:
+        path.unlink(missing_ok=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    if check:
+        assert not leftover, f"the trainer left DeepSpeed shm segments behind: {[p.name for p in leftover]}"
     return proc
 
 
