@@ -4,8 +4,9 @@
     python -m recipe.export --run_dir runs/latest --format hf --out hf_model/
 
 ``torch``: every weight with global expert ids in one ``torch.save`` file (what DeepSpeed's
-zero_to_fp32 gives a dense model, but with the expert files gathered in), plus the config. The values
-are the module weights of the checkpoint in fp32 (for bf16 runs: the bf16 weights, upcast).
+zero_to_fp32 gives a dense model, but with the expert files gathered in), plus the config. For bf16/fp16
+runs the values are the optimizer's fp32 master weights (read from its shards, any layout), not the
+16-bit module copies; both formats use them.
 
 ``hf``: ``config.json`` + ``model.safetensors`` in the layout of a ``transformers`` architecture that
 computes exactly what our model computes in eval mode when no token is dropped:
@@ -29,6 +30,7 @@ import torch
 
 from .checkpoint import checkpoint_root, consolidated_state_dict
 from .config import RecipeConfig
+from .reshard import ReshardError, master_state_dict
 
 
 class ExportError(ValueError):
@@ -132,7 +134,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
-        state, client = consolidated_state_dict(checkpoint_root(args.run_dir), args.tag)
+        try:
+            state, client, from_master = master_state_dict(checkpoint_root(args.run_dir), args.tag)
+        except ReshardError as exc:  # 16-bit weights are still a faithful model, only rounded
+            (state, client), from_master = consolidated_state_dict(checkpoint_root(args.run_dir), args.tag), False
+            print(f"warning: fp32 master weights not readable ({exc}); exporting the 16-bit weights upcast",
+                  file=sys.stderr)
         config = config_from_saved(client["config"])
         out = Path(args.out)
         if out.exists():
@@ -144,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ExportError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (" (from the fp32 master weights)" if from_master else ""))
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError, RecipeConfig, load_config, parameter_counts
+from .config import ConfigError, RecipeConfig, config_from_saved, load_config, parameter_counts
 from .ds_config import DSConfig, read_ds_config, resolve_ds_config
 from .metrics import MetricsWriter, expert_load_heatmap
 
@@ -43,8 +43,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--run_dir", help="where checkpoints and metrics go (default: train.run_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
     parser.add_argument("--reshard", action="store_true",
-                        help="with --resume: load the checkpoint's weights into a different rank count / ep_size "
-                             "(optimizer moments restart; data position and LR schedule carry over)")
+                        help="with --resume: move the checkpoint into a different rank count / ep_size / ZeRO stage "
+                             "(weights, fp32 master weights, Adam moments, data position and LR schedule carry over)")
     parser.add_argument("--samples", type=int, default=0, help="print this many generated samples at the end")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return parser.parse_args(argv)
@@ -111,7 +111,7 @@ def setup(args: argparse.Namespace) -> Setup:
             raise ConfigError(f"--resume into {run_dir}, trained on tokens of its {trained_with.name}, but the shards "
                               f"in {config.data.path} were made by another tokenizer; resume with the data it was "
                               f"trained on, or train anew in another --run_dir")
-        saved = json.loads((run_dir / "config.json").read_text())["config"]
+        saved = config_from_saved(json.loads((run_dir / "config.json").read_text())["config"]).to_dict()
         mismatched = [key for key in ("model_type", "model") if saved[key] != config.to_dict()[key]]
         if mismatched:
             diff = {k: (saved["model"][k], v) for k, v in config.to_dict()["model"].items() if saved["model"].get(k) != v}
@@ -125,7 +125,7 @@ def setup(args: argparse.Namespace) -> Setup:
             raise ConfigError(
                 f"checkpoint {tag} was saved with {saved_layout['world_size']} ranks and ep_size "
                 f"{saved_layout['ep_size']}, this launch has {world_size} ranks and ep_size {ds.ep_size}; resume "
-                f"with the same layout, or add --reshard to load its weights into this one (Adam moments restart)"
+                f"with the same layout, or add --reshard to move it into this one"
             )
         saved_batch = saved_layout["loader"]["global_micro_batch"]
         if args.reshard and saved_batch != ds.micro_batch_size * world_size:
@@ -232,7 +232,8 @@ def train(run: Setup, samples: int = 0) -> int:
     from .checkpoint import commit as commit_checkpoint
     from .checkpoint import save_recipe_state, set_rng_state, shard_experts, step_tag
     from .data.loader import BatchLoader, TokenDataset, eval_batches
-    from .model.moe.dispatch import expert_parallel_rank
+    from .model.moe.dispatch import expert_data_parallel_rank, expert_parallel_rank
+    from .reshard import ReshardError, load_optimizer_state, read_optimizer_state
     from .model.transformer import TransformerLM
 
     config, ds, run_dir = run.config, run.ds, run.run_dir
@@ -267,8 +268,8 @@ def train(run: Setup, samples: int = 0) -> int:
     model.init_weights(config.train.seed, ep_rank)
     resharded_from = None
     if run.reshard:  # another layout: every expert file is read, this rank keeps its own experts
-        state, resharded_from = consolidated_state_dict(checkpoint_root(run_dir), run.resume_tag)
-        model.load_state_dict(shard_experts(state, ep_rank, model.moe_layers()[0].num_local_experts
+        resharded_weights, resharded_from = consolidated_state_dict(checkpoint_root(run_dir), run.resume_tag)
+        model.load_state_dict(shard_experts(resharded_weights, ep_rank, model.moe_layers()[0].num_local_experts
                                             if config.is_moe else 1))
     weight_decay = ds.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
@@ -290,13 +291,33 @@ def train(run: Setup, samples: int = 0) -> int:
     start_step = 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    # What --reshard needs to read this rank's optimizer shard back at another layout (recipe/reshard.py).
+    layout = {"rank": rank, "ep_rank": ep_rank, "expert_dp_rank": expert_data_parallel_rank(ds.ep_size)
+              if config.is_moe else rank}
+    if isinstance(engine.optimizer, torch.optim.Optimizer):  # plain torch optimizer: state keyed by index
+        names = {p: n for n, p in engine.module.named_parameters()}
+        layout["optimizer_param_names"] = [[names[p] for p in g["params"]] for g in engine.optimizer.param_groups]
     if config.train.resume and resharded_from is not None:
-        scheduler.load_state_dict(resharded_from["lr_scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resharded_from["lr_scheduler"])
+            # Put the schedule's current rate into the new optimizer's groups now, as loading the optimizer's
+            # own state does on a same-layout resume; otherwise the first step runs at the initial rate.
+            scheduler.step(scheduler.last_batch_iteration)
         own = load_recipe_state(run_dir, run.resume_tag, 0)  # the data position is global; RNG is per layout
         loader.load_state_dict(own["loader"])
         start_step = engine.global_steps = own["step"]
+        try:
+            saved_ranks = [load_recipe_state(run_dir, run.resume_tag, r) for r in range(own["world_size"])]
+            moved = read_optimizer_state(checkpoint_root(run_dir) / run.resume_tag, saved_ranks, resharded_weights,
+                                         config.model.num_experts)
+            load_optimizer_state(engine, moved, ep_rank, model.moe_layers()[0].num_local_experts
+                                 if config.is_moe else 1)
+            carried = "fp32 master weights, Adam moments"
+        except ReshardError as exc:  # the weights are in place already; only the moments are lost
+            carried = None
+            log(f"warning: optimizer state not carried over ({exc}); Adam moments restart from zero")
         log(f"resharded {run.resume_tag} (step {start_step}) into {world_size} ranks, ep_size {ds.ep_size}: "
-            f"weights, data position and LR schedule carried over; optimizer moments restart from zero")
+            f"weights, {carried + ', ' if carried else ''}data position and LR schedule carried over")
     elif config.train.resume:
         tag = run.resume_tag
         # setup() checked the files' sizes; what can still fail (a file damaged in place, an older checkpoint
@@ -365,7 +386,7 @@ def train(run: Setup, samples: int = 0) -> int:
             begin_checkpoint(run_dir, tag)
         dist.barrier()
         save_recipe_state(run_dir, tag, rank, {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
-                                                "world_size": world_size, "ep_size": ds.ep_size})
+                                                "world_size": world_size, "ep_size": ds.ep_size, **layout})
         engine.save_checkpoint(str(checkpoint_root(run_dir)), tag=tag, save_latest=False,
                                client_state={"step": step, "config": config.to_dict()})
         dist.barrier()  # every rank's files are written

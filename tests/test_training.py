@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -141,36 +142,90 @@ def test_two_nodes_on_loopback(tiny_data, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
 
 
-def test_reshard_to_other_layouts_continues_from_the_same_weights(tiny_data, tmp_path):
-    """A 2-rank EP=2 checkpoint resumed on 1 rank (EP=1) and on 4 ranks (EP=4) with --reshard: the next
-    step's loss and gradient norm equal those of resuming at the original layout (they depend on the
-    weights and data only; Adam moments restart, which the trainer says)."""
+def _reshard_and_continue(tmp_path, tiny_data, base: tuple, layouts: dict, steps=(3, 5)) -> dict:
+    """Train ``base`` = (ranks, micro, ep, ds file) for steps[0] steps, then copy the run into each of
+    ``layouts`` (name -> the same tuple) and continue to steps[1] there (``--reshard`` unless the layout is
+    the base's). Returns name -> train records of the continuation."""
     import shutil
 
     config = write_config(tmp_path / "cfg.py", tiny_data, model=dict(moe_drop_tokens=False),
-                          train=dict(steps=3, save_every=3))
+                          train=dict(steps=steps[0], save_every=steps[0]))
     longer = write_config(tmp_path / "longer.py", tiny_data, model=dict(moe_drop_tokens=False),
-                          train=dict(steps=4, save_every=4))
-    schedule = {"type": "WarmupCosineLR", "params": {"total_num_steps": 4, "warmup_num_steps": 1}}
-    ds2 = write_ds_config(tmp_path / "ep2.json", moe_recipe={"ep_size": 2}, train_micro_batch_size_per_gpu=4,
-                          scheduler=schedule)
-    launch(2, config, ds2, tmp_path / "base")
-    layouts = {"same": (2, 4, 2), "1rank_ep1": (1, 8, 1), "4rank_ep4": (4, 2, 4)}  # ranks, micro, ep
-    step4 = {}
-    for name, (ranks, micro, ep) in layouts.items():
+                          train=dict(steps=steps[1], save_every=steps[1]))
+    schedule = {"type": "WarmupCosineLR", "params": {"total_num_steps": steps[1], "warmup_num_steps": 1}}
+
+    def ds_file(name, ranks, micro, ep, base_json):
+        return write_ds_config(tmp_path / f"{name}.json", base=base_json, moe_recipe={"ep_size": ep},
+                               train_micro_batch_size_per_gpu=micro, scheduler=schedule)
+
+    launch(base[0], config, ds_file("base", *base), tmp_path / "base")
+    continued = {}
+    for name, layout in layouts.items():
         shutil.copytree(tmp_path / "base", tmp_path / name)
-        ds = write_ds_config(tmp_path / f"{name}.json", moe_recipe={"ep_size": ep}, train_micro_batch_size_per_gpu=micro,
-                             scheduler=schedule)
-        extra = ["--resume"] + (["--reshard"] if name != "same" else [])
-        proc = launch(ranks, longer, ds, tmp_path / name, *extra)
-        if name != "same":
-            assert "optimizer moments restart" in proc.stdout
+        extra = ["--resume"] + (["--reshard"] if layout[:3] != base[:3] else [])
+        proc = launch(layout[0], longer, ds_file(name, *layout), tmp_path / name, *extra)
+        if layout[:3] != base[:3]:
+            assert "fp32 master weights, Adam moments" in proc.stdout, proc.stdout[-2000:]
         records, _ = read_metrics(tmp_path / name)
-        step4[name] = records[-1]
-        assert records[-1]["step"] == 4
+        continued[name] = [r for r in records if r["step"] > steps[0]]
+        assert [r["step"] for r in continued[name]] == list(range(steps[0] + 1, steps[1] + 1))
+    return continued
+
+
+def test_reshard_carries_weights_and_optimizer_state_to_other_layouts(tiny_data, tmp_path):
+    """A 2-rank EP=2 ZeRO-2 checkpoint resumed on 1 rank (EP=1), on 4 ranks (EP=4), and on 1 rank without
+    ZeRO (plain torch optimizer) with --reshard: the next two steps equal those of resuming at the original
+    layout. The second step's loss depends on the
+    first update, i.e. on the carried fp32 master weights and Adam moments (restarted moments change it
+    by far more than 1e-5)."""
+    runs = _reshard_and_continue(tmp_path, tiny_data, (2, 4, 2, "zero2_fp32.json"), {
+        "same": (2, 4, 2, "zero2_fp32.json"), "1rank_ep1": (1, 8, 1, "zero2_fp32.json"),
+        "4rank_ep4": (4, 2, 4, "zero2_fp32.json"), "zero0_1rank": (1, 8, 1, "zero0_fp32.json")})
+    for got, want in zip(runs["zero0_1rank"], runs["same"]):  # ZeRO partitions into a plain torch optimizer
+        for key in ("loss", "lm_loss", "moe_loss"):  # which reports no global grad norm
+            assert got[key] == pytest.approx(want[key], rel=1e-5), ("zero0_1rank", got["step"], key)
     for name in ("1rank_ep1", "4rank_ep4"):
-        for key in ("loss", "lm_loss", "moe_loss", "grad_norm", "lr"):
-            assert step4[name][key] == pytest.approx(step4["same"][key], rel=1e-5), (name, key)
+        for got, want in zip(runs[name], runs["same"]):
+            for key in ("loss", "lm_loss", "moe_loss", "grad_norm", "lr"):
+                assert got[key] == pytest.approx(want[key], rel=1e-5), (name, got["step"], key)
+
+
+def test_reshard_across_zero_stages_and_optimizer_formats(tiny_data, tmp_path):
+    """Plain torch optimizer state (ZeRO-0, one file per expert-parallel rank) into ZeRO-1 partitions at
+    another layout (the reverse direction is in the test above)."""
+    runs = _reshard_and_continue(tmp_path, tiny_data, (4, 2, 2, "zero0_fp32.json"), {
+        "same": (4, 2, 2, "zero0_fp32.json"), "zero1_2rank_ep1": (2, 4, 1, "zero1_fp32.json")})
+    for got, want in zip(runs["zero1_2rank_ep1"], runs["same"]):
+        for key in ("loss", "lm_loss", "moe_loss"):  # a plain torch optimizer reports no global grad norm
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
+
+
+def test_bf16_master_weights_travel_with_reshard_and_export(tiny_data, tmp_path):
+    """bf16: the fp32 master weights, not the bf16 module copies, are what --reshard and export carry. They
+    round to the checkpoint's bf16 weights, yet hold more precision than them."""
+    from recipe.checkpoint import checkpoint_root, consolidated_state_dict
+    from recipe.export import main as export_main
+
+    # DeepSpeed's warmup schedules run the first two steps at lr 0: three steps, so the weights move.
+    config = write_config(tmp_path / "cfg.py", tiny_data, train=dict(steps=3, save_every=3))
+    longer = write_config(tmp_path / "longer.py", tiny_data, train=dict(steps=4, save_every=4))
+    launch(2, config, write_ds_config(tmp_path / "ep2.json", base="zero1_bf16.json", moe_recipe={"ep_size": 2}),
+           tmp_path / "run")
+    bf16_weights, _ = consolidated_state_dict(checkpoint_root(tmp_path / "run"))
+    assert export_main(["--run_dir", str(tmp_path / "run"), "--format", "torch", "--out", str(tmp_path / "m.pt")]) == 0
+    exported = torch.load(tmp_path / "m.pt", weights_only=False)["model"]
+    assert set(exported) == set(bf16_weights)
+    trained = [k for k in exported if not k.endswith("norm.weight")]
+    assert all(exported[k].dtype == torch.float32 for k in exported)
+    assert all(torch.equal(exported[k].to(torch.bfloat16), bf16_weights[k]) for k in exported)
+    assert sum(not torch.equal(exported[k], bf16_weights[k].float()) for k in trained) == len(trained)
+
+    ds1 = write_ds_config(tmp_path / "ep1.json", base="zero1_bf16.json", moe_recipe={"ep_size": 1},
+                          train_micro_batch_size_per_gpu=16)
+    proc = launch(1, longer, ds1, tmp_path / "run", "--resume", "--reshard")
+    assert "fp32 master weights, Adam moments" in proc.stdout
+    records, _ = read_metrics(tmp_path / "run")
+    assert records[-1]["step"] == 4 and math.isfinite(records[-1]["loss"])
 
 
 def test_resume_at_another_layout_without_reshard_is_refused(tiny_data, tmp_path):

@@ -138,3 +138,13 @@ def expert_parallel_rank(ep_size: int) -> int:
     from deepspeed.utils import groups
 
     return groups._get_expert_parallel_rank(ensure_expert_groups(ep_size))
+
+
+def expert_data_parallel_rank(ep_size: int) -> int:
+    """This rank's index among the ranks that hold the same experts (its expert-data-parallel group), the
+    order in which ZeRO partitions those experts' optimizer state; 0 without distributed."""
+    if not dist.is_initialized():
+        return 0
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_rank(ensure_expert_groups(ep_size))

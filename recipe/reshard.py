@@ -1,0 +1,274 @@
+"""Optimizer state across layouts: DeepSpeed's optimizer shards of a checkpoint, read on one process into one
+tensor per parameter with global expert ids, and written into a live engine at another rank count / ep_size.
+
+Why: ``--resume --reshard`` already moves weights, data position and LR schedule to a new layout; with the
+fp32 master weights and Adam moments moved too, training continues as if the layout had never changed.
+
+Source formats (what DeepSpeed 0.19 writes for our runs):
+
+- ZeRO-1/2 (``zero_pp_rank_{R}_mp_rank_00_optim_states.pt``, one per rank) and bf16 without ZeRO
+  (``bf16_zero_pp_rank_...``): per optimizer group a flat fp32 partition, the base optimizer's state of that
+  partition, and ``param_slice_mappings`` (parameter name -> (start, numel) inside the partition). A
+  parameter's full value is its fragments concatenated in partition order; non-expert groups are
+  partitioned over all ranks, expert groups over the ranks holding the same experts (expert-data-parallel
+  group), which is why each rank records its ``ep_rank`` / ``expert_dp_rank`` in ``recipe_rank{R}.pt``.
+- fp32 without ZeRO (``expp_rank_{E}_mp_rank_00_optim_states.pt``, one per expert-parallel rank): the torch
+  optimizer's own state dict, keyed by parameter index; the names behind the indices are recorded by the
+  trainer in ``recipe_rank{R}.pt`` (``optimizer_param_names``).
+
+Names: a parameter name is local to its expert-parallel rank (``...experts.w1`` holds that rank's
+``num_local_experts`` experts stacked; a module-list expert is ``...deepspeed_experts.{local id}...``).
+``OptimizerState`` stores everything under the per-expert state-dict keys with global expert ids, the
+same key space as ``recipe.checkpoint.consolidated_state_dict``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .model.moe.experts import EXPERT_KEY_PREFIX
+
+QUANTITIES = ("fp32", "exp_avg", "exp_avg_sq")  # master weight and Adam's two moments
+_STACKED = re.compile(r"(?P<head>.*\.deepspeed_moe\.experts)\.(?P<weight>w[123])")
+_LISTED = re.compile(rf"(?P<head>.*\.deepspeed_moe\.experts\.{EXPERT_KEY_PREFIX})\.(?P<id>\d+)\.(?P<rest>.+)")
+
+
+class ReshardError(ValueError):
+    """The checkpoint's optimizer state cannot be read into per-parameter tensors (the message says why)."""
+
+
+@dataclass
+class OptimizerState:
+    tensors: dict[str, dict[str, torch.Tensor]]  # quantity -> {global state-dict key: fp32 tensor}
+    step: float  # optimizer steps taken (Adam's bias-correction count)
+
+
+# ---- local parameter names <-> per-expert keys with global ids ----
+
+def to_global_keys(name: str, value: torch.Tensor, ep_rank: int, num_local_experts: int) -> dict[str, torch.Tensor]:
+    """One local parameter as entries of the global key space (several for stacked experts)."""
+    first = ep_rank * num_local_experts
+    if (m := _STACKED.fullmatch(name)) is not None:
+        if value.shape[0] != num_local_experts:
+            raise ReshardError(f"{name} holds {value.shape[0]} experts, expected {num_local_experts}")
+        return {f"{m['head']}.{EXPERT_KEY_PREFIX}.{first + i}.{m['weight']}.weight": value[i]
+                for i in range(num_local_experts)}
+    if (m := _LISTED.fullmatch(name)) is not None:
+        return {f"{m['head']}.{first + int(m['id'])}.{m['rest']}": value}
+    return {name: value}
+
+
+def from_global_keys(name: str, store: dict[str, torch.Tensor], ep_rank: int, num_local_experts: int) -> torch.Tensor:
+    """The value of local parameter ``name`` on ``ep_rank``, assembled from global keys (inverse of the above)."""
+    first = ep_rank * num_local_experts
+    if (m := _STACKED.fullmatch(name)) is not None:
+        keys = [f"{m['head']}.{EXPERT_KEY_PREFIX}.{first + i}.{m['weight']}.weight" for i in range(num_local_experts)]
+    elif (m := _LISTED.fullmatch(name)) is not None:
+        keys = [f"{m['head']}.{first + int(m['id'])}.{m['rest']}"]
+    else:
+        keys = [name]
+    missing = [key for key in keys if key not in store]
+    if missing:
+        raise ReshardError(f"the checkpoint's optimizer state has no entry for {missing[0]} (parameter {name}); "
+                           f"it was saved from another model")
+    return torch.stack([store[key] for key in keys]) if _STACKED.fullmatch(name) else store[keys[0]]
+
+
+# ---- reading a checkpoint ----
+
+def read_optimizer_state(folder: str | Path, ranks: list[dict], weights: dict[str, torch.Tensor],
+                         num_experts: int) -> OptimizerState:
+    """Per-parameter fp32 master weights and Adam moments of the checkpoint in ``folder``.
+
+    ``ranks``: the recipe state of every saving rank (``recipe_rank{R}.pt``), in rank order.
+    ``weights``: the checkpoint's consolidated weights (global keys); they give each parameter's shape.
+    """
+    folder = Path(folder)
+    ep_size = ranks[0]["ep_size"]
+    for state in ranks:
+        if "ep_rank" not in state:
+            raise ReshardError("the checkpoint predates optimizer resharding (its ranks did not record their "
+                               "expert-parallel coordinates)")
+    num_local = max(num_experts // ep_size, 1)
+    zero_files = [_first_existing(folder, [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                                           f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"])
+                  for r in range(len(ranks))]
+    if all(path is not None for path in zero_files):
+        return _read_partitioned(zero_files, ranks, weights, num_local)
+    torch_files = [folder / f"expp_rank_{e}_mp_rank_00_optim_states.pt" for e in range(ep_size)]
+    if all(path.is_file() for path in torch_files):
+        return _read_torch_optimizer(torch_files, ranks, num_local)
+    raise ReshardError(f"{folder} holds no optimizer shards this reader knows (ZeRO-1/2, bf16 or plain torch "
+                       f"optimizer files)")
+
+
+def _first_existing(folder: Path, names: list[str]) -> Optional[Path]:
+    return next((folder / name for name in names if (folder / name).is_file()), None)
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ReshardError(f"{path} cannot be read ({exc}); the file is truncated or corrupt") from exc
+
+
+def _read_partitioned(files: list[Path], ranks: list[dict], weights: dict[str, torch.Tensor],
+                      num_local: int) -> OptimizerState:
+    # fragments[(ep_rank, name)][quantity] -> [(partition index, tensor)]
+    fragments: dict[tuple[int, str], dict[str, list[tuple[int, torch.Tensor]]]] = {}
+    steps = set()
+    for path, coords in zip(files, ranks):
+        saved = _load(path)["optimizer_state_dict"]
+        base = saved["base_optimizer_state"]
+        group_states = [base["state"][g] for g in range(len(saved["param_slice_mappings"]))] \
+            if isinstance(base, dict) else base  # torch state dict, or the elastic per-group list
+        for g, mapping in enumerate(saved["param_slice_mappings"]):
+            unknown = set(group_states[g]) - {"step", "exp_avg", "exp_avg_sq"}
+            if unknown:
+                raise ReshardError(f"{path.name} holds optimizer state {sorted(unknown)}; only Adam/AdamW state "
+                                   f"(step, exp_avg, exp_avg_sq) is carried across layouts")
+            flat = {"fp32": saved["single_partition_of_fp32_groups"][g],
+                    "exp_avg": group_states[g]["exp_avg"], "exp_avg_sq": group_states[g]["exp_avg_sq"]}
+            steps.add(float(group_states[g]["step"]))
+            for name, address in mapping.items():
+                expert = ".deepspeed_moe.experts." in name
+                partition = coords["expert_dp_rank"] if expert else coords["rank"]
+                owner = coords["ep_rank"] if expert else 0
+                entry = fragments.setdefault((owner, name), {q: [] for q in QUANTITIES})
+                for q in QUANTITIES:
+                    entry[q].append((partition, flat[q].narrow(0, address.start, address.numel).float()))
+    if len(steps) != 1:
+        raise ReshardError(f"optimizer groups disagree on the step count ({sorted(steps)})")
+    tensors: dict[str, dict[str, torch.Tensor]] = {q: {} for q in QUANTITIES}
+    for (ep_rank, name), entry in fragments.items():
+        shape = from_global_keys(name, weights, 0, num_local).shape  # same on every expert-parallel rank
+        for q in QUANTITIES:
+            parts = sorted(entry[q], key=lambda item: item[0])
+            if len({index for index, _ in parts}) != len(parts):
+                raise ReshardError(f"{name}: two optimizer shards claim the same partition")
+            full = torch.cat([t for _, t in parts])
+            if full.numel() != shape.numel():
+                raise ReshardError(f"{name}: optimizer fragments hold {full.numel()} values, the parameter "
+                                   f"{shape.numel()}; a shard is missing")
+            tensors[q].update(to_global_keys(name, full.view(shape), ep_rank, num_local))
+    return OptimizerState(tensors=tensors, step=steps.pop())
+
+
+def _read_torch_optimizer(files: list[Path], ranks: list[dict], num_local: int) -> OptimizerState:
+    names_by_ep = {state["ep_rank"]: state.get("optimizer_param_names") for state in ranks}
+    tensors: dict[str, dict[str, torch.Tensor]] = {q: {} for q in QUANTITIES}
+    steps = set()
+    for ep_rank, path in enumerate(files):
+        names = names_by_ep.get(ep_rank)
+        if names is None:
+            raise ReshardError("the checkpoint did not record its optimizer's parameter names")
+        saved = _load(path)["optimizer"]
+        for group, group_names in zip(saved["param_groups"], names):
+            for index, name in zip(group["params"], group_names):
+                state = saved["state"].get(index)
+                if state is None:  # never stepped: nothing to carry
+                    continue
+                steps.add(float(state["step"]))
+                for q in ("exp_avg", "exp_avg_sq"):
+                    tensors[q].update(to_global_keys(name, state[q].float(), ep_rank, num_local))
+    if len(steps) > 1:
+        raise ReshardError(f"optimizer parameters disagree on the step count ({sorted(steps)})")
+    del tensors["fp32"]  # the model weights are the fp32 master here
+    return OptimizerState(tensors=tensors, step=steps.pop() if steps else 0.0)
+
+
+# ---- writing into a live engine ----
+
+@torch.no_grad()
+def load_optimizer_state(engine, state: OptimizerState, ep_rank: int, num_local_experts: int) -> None:
+    """Write ``state`` into ``engine``'s optimizer at this rank's layout (call after ``deepspeed.initialize``,
+    before the first step; no communication).
+
+    ZeRO-1/2 and DeepSpeed's bf16 optimizer keep one flat fp32 partition per group and map every parameter
+    onto its fragment of it (``param._hp_mapping``: where the fragment starts in the parameter and in the
+    partition); Adam's moments live in the base optimizer's state of that flat partition, created here
+    (torch creates it lazily at the first step). The plain torch optimizer (fp32 without ZeRO) keeps state
+    per parameter.
+    """
+    params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+    optimizer = engine.optimizer
+    if all(getattr(p, "_hp_mapping", None) is not None or not _owns_fragment(p) for _, p in params):
+        base = optimizer.optimizer
+        for group in base.param_groups:
+            for flat in group["params"]:
+                entry = base.state[flat]
+                for q in ("exp_avg", "exp_avg_sq"):
+                    entry.setdefault(q, torch.zeros_like(flat))
+                _set_step(entry, state.step)
+        for name, p in params:
+            fragment = p._hp_mapping
+            if fragment is None:  # this rank's partition holds no part of p
+                continue
+            flat = base.param_groups[fragment.param_group_index]["params"][0]
+            source = fragment.lp_fragment_address
+            target = fragment.hp_fragment_address
+            for q, values in state.tensors.items():
+                value = from_global_keys(name, values, ep_rank, num_local_experts).reshape(-1)
+                piece = value.narrow(0, source.start, source.numel)
+                destination = fragment.hp_fragment if q == "fp32" else base.state[flat][q].narrow(
+                    0, target.start, target.numel)
+                destination.copy_(piece)
+            if "fp32" in state.tensors:
+                fragment.update_lp()  # the module's (bf16) copy of this fragment follows its master
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        for name, p in params:
+            entry = optimizer.state[p]
+            for q in ("exp_avg", "exp_avg_sq"):
+                value = from_global_keys(name, state.tensors[q], ep_rank, num_local_experts)
+                entry[q] = value.to(device=p.device, dtype=torch.float32).clone()
+            if "fp32" in state.tensors:  # a ZeRO / bf16 source: its master weights are the exact weights
+                p.data.copy_(from_global_keys(name, state.tensors["fp32"], ep_rank, num_local_experts))
+            _set_step(entry, state.step)
+    else:
+        raise ReshardError(f"optimizer {type(optimizer).__name__} keeps its state in a form this loader does "
+                           f"not know (fp16 without ZeRO?)")
+
+
+def _owns_fragment(p: torch.nn.Parameter) -> bool:
+    """False for parameters a partitioned optimizer mapped nowhere on this rank (``_hp_mapping`` None);
+    True for parameters of a plain optimizer (no attribute at all)."""
+    return not hasattr(p, "_hp_mapping")
+
+
+def _set_step(entry: dict, step: float) -> None:
+    if torch.is_tensor(entry.get("step")):
+        entry["step"].fill_(step)
+    else:
+        entry["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def master_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = None) -> tuple[dict, dict, bool]:
+    """The checkpoint's weights at full precision: like ``consolidated_state_dict`` (global expert ids), but
+    for bf16/fp16 runs every trained weight is the optimizer's fp32 master rather than its 16-bit module copy.
+
+    Returns (state, client state, whether master weights were used). fp32 runs need no optimizer files.
+    """
+    from .checkpoint import _latest_in, consolidated_state_dict
+
+    root = Path(checkpoint_dir)
+    tag = tag or _latest_in(root)
+    weights, client = consolidated_state_dict(root, tag)
+    if all(not v.is_floating_point() or v.dtype == torch.float32 for v in weights.values()):
+        return weights, client, False
+    ranks, rank = [], 0
+    while (root / tag / f"recipe_rank{rank}.pt").is_file():
+        ranks.append(torch.load(root / tag / f"recipe_rank{rank}.pt", weights_only=False))
+        rank += 1
+    if not ranks:
+        raise ReshardError(f"{root / tag} holds no recipe_rank files")
+    model = client["config"]["model"]
+    masters = read_optimizer_state(root / tag, ranks, weights, model["num_experts"]).tensors.get("fp32", {})
+    state = {key: masters.get(key, value).float() for key, value in weights.items()}
+    if model.get("tie_word_embeddings") and "embedding.weight" in masters:
+        state["lm_head.weight"] = state["embedding.weight"]  # one parameter, two state-dict keys
+    return state, client, True
