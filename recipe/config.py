@@ -320,3 +320,9 @@ def parameter_counts(config: RecipeConfig) -> dict[str, int]:
             total += swiglu
             active += swiglu
     return {"total": total, "active": active}
+
+
+def config_from_saved(saved: dict) -> RecipeConfig:
+    """A config from its ``to_dict()`` form (config.json, checkpoints); keys added to the recipe since it was
+    saved take their defaults, so older runs still load, resume and export."""
+    return config_from_dict({k: v for k, v in saved.items() if k != "source"}, source=saved.get("source", ""))

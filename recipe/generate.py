@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .checkpoint import checkpoint_root, consolidated_state_dict
-from .config import RecipeConfig, config_from_dict
+from .config import config_from_saved
 
 DEFAULT_PROMPTS = ("The state of the Union", "Our economy", "In the coming year, we will")
 
@@ -30,10 +30,6 @@ def load_model(run_dir: str | Path, tag: Optional[str] = None):
     model = TransformerLM(config, ep_size=1)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval(), config
-
-
-def config_from_saved(saved: dict) -> RecipeConfig:
-    return config_from_dict({k: v for k, v in saved.items() if k != "source"}, source=saved.get("source", ""))
 
 
 @torch.no_grad()

@@ -223,3 +223,13 @@ def test_shards_of_another_tokenizer_are_refused(tiny_data, tmp_path, capsys, mo
     code, err = _run_main(tmp_path, tiny_data, capsys, "--resume")
     assert code == 2 and "made by another tokenizer" in err and "another --run_dir" in err
     assert (run / "tokenizer.model").read_bytes() == b"another tokenizer"
+
+
+def test_a_config_saved_before_newer_keys_still_loads():
+    """config.json / checkpoints written before a key existed (here moe_impl) load with its default, so such
+    runs still resume (the trainer compares configs through this) and export."""
+    from recipe.config import config_from_dict, config_from_saved
+
+    current = config_from_dict({"model": {"num_experts": 4}}).to_dict()
+    older = {**current, "model": {k: v for k, v in current["model"].items() if k != "moe_impl"}}
+    assert config_from_saved(older).to_dict() == current
