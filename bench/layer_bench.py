@@ -409,6 +409,7 @@ def main(argv=None) -> None:
 
     env = environment()
     env["loadavg_1min_before"], env["loadavg_1min_after"] = load_before, os.getloadavg()[0]
+    env["glibc_malloc"] = {k: os.environ.get(k) for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")}
     report = {"environment": env, "rounds": rounds, "quick": args.quick, "rows": rows,
               "summary": summary(rows) if any(r["case"]["group"] != "path" for r in rows) else [],
               "wall_s": time.perf_counter() - started}
