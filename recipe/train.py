@@ -120,12 +120,17 @@ def setup(args: argparse.Namespace) -> Setup:
                 f"(saved vs now: {diff or saved['model_type']}); use the same config or a new --run_dir"
             )
         saved_layout = load_recipe_state(run_dir, tag, 0)
-        same_layout = (saved_layout["world_size"], saved_layout["ep_size"]) == (world_size, ds.ep_size)
+        # DeepSpeed's own loader needs the ranks, expert-parallel size, ZeRO stage and precision the checkpoint
+        # was written with (checkpoints from before the last two were recorded: assume unchanged).
+        saved_shape = (saved_layout["world_size"], saved_layout["ep_size"], saved_layout.get("zero_stage", ds.zero_stage),
+                       saved_layout.get("precision", ds.precision))
+        same_layout = saved_shape == (world_size, ds.ep_size, ds.zero_stage, ds.precision)
         if not same_layout and not args.reshard:
             raise ConfigError(
-                f"checkpoint {tag} was saved with {saved_layout['world_size']} ranks and ep_size "
-                f"{saved_layout['ep_size']}, this launch has {world_size} ranks and ep_size {ds.ep_size}; resume "
-                f"with the same layout, or add --reshard to move it into this one"
+                f"checkpoint {tag} was saved with {saved_shape[0]} ranks and ep_size {saved_shape[1]} (ZeRO-"
+                f"{saved_shape[2]} {saved_shape[3]}), this launch has {world_size} ranks and ep_size {ds.ep_size} "
+                f"(ZeRO-{ds.zero_stage} {ds.precision}); resume with the same layout, or add --reshard to move it "
+                f"into this one"
             )
         saved_batch = saved_layout["loader"]["global_micro_batch"]
         if args.reshard and saved_batch != ds.micro_batch_size * world_size:
@@ -233,8 +238,8 @@ def train(run: Setup, samples: int = 0) -> int:
     from .checkpoint import save_recipe_state, set_rng_state, shard_experts, step_tag
     from .data.loader import BatchLoader, TokenDataset, eval_batches
     from .model.moe.dispatch import expert_data_parallel_rank, expert_parallel_rank
-    from .reshard import ReshardError, load_optimizer_state, read_optimizer_state
     from .model.transformer import TransformerLM
+    from .reshard import ReshardError, load_optimizer_state, read_optimizer_state
 
     config, ds, run_dir = run.config, run.ds, run.run_dir
     # Keep the console to our progress lines: DeepSpeed's INFO chatter (MOE_RECIPE_DS_LOG=info brings it
@@ -293,7 +298,7 @@ def train(run: Setup, samples: int = 0) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
     # What --reshard needs to read this rank's optimizer shard back at another layout (recipe/reshard.py).
     layout = {"rank": rank, "ep_rank": ep_rank, "expert_dp_rank": expert_data_parallel_rank(ds.ep_size)
-              if config.is_moe else rank}
+              if config.is_moe else rank, "zero_stage": ds.zero_stage, "precision": ds.precision}
     if isinstance(engine.optimizer, torch.optim.Optimizer):  # plain torch optimizer: state keyed by index
         names = {p: n for n, p in engine.module.named_parameters()}
         layout["optimizer_param_names"] = [[names[p] for p in g["params"]] for g in engine.optimizer.param_groups]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -166,9 +165,10 @@ def _reshard_and_continue(tmp_path, tiny_data, base: tuple, layouts: dict, steps
         proc = launch(layout[0], longer, ds_file(name, *layout), tmp_path / name, *extra)
         if layout[:3] != base[:3]:
             assert "fp32 master weights, Adam moments" in proc.stdout, proc.stdout[-2000:]
-        records, _ = read_metrics(tmp_path / name)
+        records, evals = read_metrics(tmp_path / name)
         continued[name] = [r for r in records if r["step"] > steps[0]]
         assert [r["step"] for r in continued[name]] == list(range(steps[0] + 1, steps[1] + 1))
+        continued[name][-1]["val_loss"] = evals[-1]["val_loss"]  # the evaluation at the last step
     return continued
 
 
@@ -186,8 +186,9 @@ def test_reshard_carries_weights_and_optimizer_state_to_other_layouts(tiny_data,
             assert got[key] == pytest.approx(want[key], rel=1e-5), ("zero0_1rank", got["step"], key)
     for name in ("1rank_ep1", "4rank_ep4"):
         for got, want in zip(runs[name], runs["same"]):
-            for key in ("loss", "lm_loss", "moe_loss", "grad_norm", "lr"):
-                assert got[key] == pytest.approx(want[key], rel=1e-5), (name, got["step"], key)
+            for key in ("loss", "lm_loss", "moe_loss", "grad_norm", "lr", "val_loss"):
+                if key in want:
+                    assert got[key] == pytest.approx(want[key], rel=1e-5), (name, got["step"], key)
 
 
 def test_reshard_across_zero_stages_and_optimizer_formats(tiny_data, tmp_path):
@@ -237,3 +238,7 @@ def test_resume_at_another_layout_without_reshard_is_refused(tiny_data, tmp_path
     assert "saved with 2 ranks and ep_size 2" in proc.stderr + proc.stdout and "--reshard" in proc.stderr + proc.stdout
     proc = launch(1, config, ds1, tmp_path / "run", "--resume", "--reshard", check=False)
     assert proc.returncode != 0 and "global micro-batch must stay 16" in proc.stderr + proc.stdout
+    # Same ranks and ep_size, another ZeRO stage: DeepSpeed's loader cannot read the other stage's shards.
+    zero1 = write_ds_config(tmp_path / "zero1.json", base="zero1_fp32.json", moe_recipe={"ep_size": 2})
+    proc = launch(2, config, zero1, tmp_path / "run", "--resume", check=False)
+    assert proc.returncode != 0 and "(ZeRO-2 fp32), this launch has 2 ranks and ep_size 2 (ZeRO-1 fp32)" in proc.stderr
