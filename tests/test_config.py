@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import ROOT, write_config, write_ds_config
 from recipe.config import ConfigError, config_from_dict, load_config, parameter_counts, parse_override

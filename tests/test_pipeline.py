@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, launch, read_metrics, write_config
 from recipe.config import config_from_dict
 from recipe.metrics import expert_load_heatmap, flatten
-from recipe.model.moe import MoE, top_k_gating
+from recipe.model.moe import top_k_gating
 from recipe.model.transformer import TransformerLM
 from recipe.train import RoutingTally
 

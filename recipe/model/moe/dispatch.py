@@ -14,8 +14,6 @@ data-parallel group, so its value and gradient do not depend on how the batch is
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch import nn
