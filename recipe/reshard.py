@@ -197,7 +197,7 @@ def load_optimizer_state(engine, state: OptimizerState, ep_rank: int, num_local_
     """
     params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
     optimizer = engine.optimizer
-    if all(getattr(p, "_hp_mapping", None) is not None or not _owns_fragment(p) for _, p in params):
+    if all(hasattr(p, "_hp_mapping") for _, p in params):  # None where this rank's partition holds none of p
         base = optimizer.optimizer
         for group in base.param_groups:
             for flat in group["params"]:
@@ -232,12 +232,6 @@ def load_optimizer_state(engine, state: OptimizerState, ep_rank: int, num_local_
     else:
         raise ReshardError(f"optimizer {type(optimizer).__name__} keeps its state in a form this loader does "
                            f"not know (fp16 without ZeRO?)")
-
-
-def _owns_fragment(p: torch.nn.Parameter) -> bool:
-    """False for parameters a partitioned optimizer mapped nowhere on this rank (``_hp_mapping`` None);
-    True for parameters of a plain optimizer (no attribute at all)."""
-    return not hasattr(p, "_hp_mapping")
 
 
 def _set_step(entry: dict, step: float) -> None:
