@@ -183,6 +183,13 @@ def save_recipe_state(run_dir: str | Path, tag: str, rank: int, state: dict) -> 
     os.replace(tmp, path)  # never a half-written file under the final name
 
 
+def saved_rank_states(folder: Path) -> list[dict]:
+    """The recipe state of every rank that saved the checkpoint in ``folder``, in rank order."""
+    first = torch.load(folder / "recipe_rank0.pt", weights_only=False)
+    return [first] + [torch.load(folder / f"recipe_rank{r}.pt", weights_only=False)
+                      for r in range(1, first["world_size"])]
+
+
 def load_recipe_state(run_dir: str | Path, tag: str, rank: int) -> dict:
     path = checkpoint_root(run_dir) / tag / f"recipe_rank{rank}.pt"
     if not path.is_file():

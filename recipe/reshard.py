@@ -80,14 +80,19 @@ def from_global_keys(name: str, store: dict[str, torch.Tensor], ep_rank: int, nu
 
 # ---- reading a checkpoint ----
 
-def read_optimizer_state(folder: str | Path, ranks: list[dict], weights: dict[str, torch.Tensor],
-                         num_experts: int) -> OptimizerState:
+def read_optimizer_state(folder: str | Path, weights: dict[str, torch.Tensor], num_experts: int) -> OptimizerState:
     """Per-parameter fp32 master weights and Adam moments of the checkpoint in ``folder``.
 
-    ``ranks``: the recipe state of every saving rank (``recipe_rank{R}.pt``), in rank order.
     ``weights``: the checkpoint's consolidated weights (global keys); they give each parameter's shape.
+    Each saving rank's layout comes from its ``recipe_rank{R}.pt``.
     """
+    from .checkpoint import saved_rank_states
+
     folder = Path(folder)
+    try:
+        ranks = saved_rank_states(folder)
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise ReshardError(f"the per-rank state files of {folder} cannot be read ({exc})") from exc
     ep_size = ranks[0]["ep_size"]
     for state in ranks:
         if "ep_rank" not in state:
@@ -254,14 +259,8 @@ def master_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = None) -> 
     weights, client = consolidated_state_dict(root, tag)
     if all(not v.is_floating_point() or v.dtype == torch.float32 for v in weights.values()):
         return weights, client, False
-    ranks, rank = [], 0
-    while (root / tag / f"recipe_rank{rank}.pt").is_file():
-        ranks.append(torch.load(root / tag / f"recipe_rank{rank}.pt", weights_only=False))
-        rank += 1
-    if not ranks:
-        raise ReshardError(f"{root / tag} holds no recipe_rank files")
     model = client["config"]["model"]
-    masters = read_optimizer_state(root / tag, ranks, weights, model["num_experts"]).tensors.get("fp32", {})
+    masters = read_optimizer_state(root / tag, weights, model["num_experts"]).tensors.get("fp32", {})
     state = {key: masters.get(key, value).float() for key, value in weights.items()}
     if model.get("tie_word_embeddings") and "embedding.weight" in masters:
         state["lm_head.weight"] = state["embedding.weight"]  # one parameter, two state-dict keys

@@ -312,8 +312,7 @@ def train(run: Setup, samples: int = 0) -> int:
         loader.load_state_dict(own["loader"])
         start_step = engine.global_steps = own["step"]
         try:
-            saved_ranks = [load_recipe_state(run_dir, run.resume_tag, r) for r in range(own["world_size"])]
-            moved = read_optimizer_state(checkpoint_root(run_dir) / run.resume_tag, saved_ranks, resharded_weights,
+            moved = read_optimizer_state(checkpoint_root(run_dir) / run.resume_tag, resharded_weights,
                                          config.model.num_experts)
             load_optimizer_state(engine, moved, ep_rank, model.moe_layers()[0].num_local_experts
                                  if config.is_moe else 1)
