@@ -5,7 +5,9 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
-from recipe.model.moe import MoE, SwiGLUExperts, register_expert, register_gate, top_k_gating
+from recipe.model.moe import (MoE, ModuleListExperts, SwiGLU, SwiGLUExperts, register_expert, register_gate,
+                              top_k_gating)
+from recipe.model.moe.experts import run_experts_indexed
 
 
 def expert_weights(moe: MoE):
@@ -69,6 +71,72 @@ def test_grouped_mm_equals_loop_on_uneven_blocks():
     experts.use_grouped_mm = False
     b = experts(x, counts)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def indexed_reference(experts: SwiGLUExperts, x, counts, index, weight):
+    """``run_experts_indexed`` spelled out: one row at a time through its expert, weighted, added back."""
+    out = torch.zeros_like(x)
+    expert_of_position = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    for i, (row, e) in enumerate(zip(index.tolist(), expert_of_position.tolist())):
+        w1, w3, w2 = experts.w1[e], experts.w3[e], experts.w2[e]
+        y = F.linear(F.silu(F.linear(x[row], w1)) * F.linear(x[row], w3), w2)
+        out = out.index_add(0, torch.tensor([row]), (y if weight is None else y * weight[i]).unsqueeze(0))
+    return out
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_indexed_experts_match_row_by_row_reference(weighted, grouped):
+    """The fused gather -> experts -> weighted scatter-add (loop path) and the generic one (grouped path)
+    against a row-by-row reference: repeated rows (top-2), rows never picked, an expert with no rows."""
+    torch.manual_seed(5)
+    experts = SwiGLUExperts(4, 16, 24, use_grouped_mm=grouped)
+    ref_experts = SwiGLUExperts(4, 16, 24)
+    ref_experts.load_state_dict(experts.state_dict())
+    counts = [5, 0, 7, 3]
+    index = torch.tensor([0, 3, 3, 9, 1, 2, 0, 5, 5, 8, 6, 4, 1, 7, 2])  # row 10 and 11 never picked
+    weight = torch.rand(15) if weighted else None
+    x = torch.randn(12, 16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w1 = weight.clone().requires_grad_() if weighted else None
+    w2 = weight.clone().requires_grad_() if weighted else None
+    grad = torch.randn(12, 16)
+
+    out = run_experts_indexed(experts, x1, torch.tensor(counts), index, w1)
+    ref = indexed_reference(ref_experts, x2, counts, index, w2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(out[10:] == 0)
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    if weighted:
+        torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    for name in ("w1", "w3", "w2"):
+        torch.testing.assert_close(getattr(experts, name).grad, getattr(ref_experts, name).grad, rtol=1e-5,
+                                   atol=1e-6, msg=name)
+    assert torch.all(experts.w1.grad[1] == 0)  # the expert without rows
+
+
+def test_indexed_experts_without_input_gradient_and_in_bf16():
+    """Only parameter gradients wanted (frozen input), and bf16: the fused loop equals the generic path."""
+    torch.manual_seed(6)
+    fused = SwiGLUExperts(3, 16, 32, use_grouped_mm=False).to(torch.bfloat16)
+    generic = ModuleListExperts(SwiGLU, 3, 16, 32).to(torch.bfloat16)
+    generic.load_state_dict(fused.state_dict())
+    counts, index = torch.tensor([4, 2, 3]), torch.tensor([0, 1, 2, 3, 0, 4, 5, 5, 1])
+    x = torch.randn(6, 16, dtype=torch.bfloat16)
+    weight = torch.rand(9, dtype=torch.bfloat16)
+    grad = torch.randn(6, 16, dtype=torch.bfloat16)
+    out = run_experts_indexed(fused, x, counts, index, weight)
+    ref = run_experts_indexed(generic, x, counts, index, weight)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    (out.float() * grad).sum().backward()
+    (ref.float() * grad).sum().backward()
+    for e in range(3):
+        for name in ("w1", "w3", "w2"):
+            torch.testing.assert_close(getattr(fused, name).grad[e],
+                                       getattr(generic.deepspeed_experts[e], name).weight.grad,
+                                       rtol=2e-2, atol=2e-2, msg=f"{name}[{e}]")
 
 
 def test_padding_mask_zeroes_output_and_is_ignored():

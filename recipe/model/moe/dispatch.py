@@ -1,7 +1,8 @@
 """Moving tokens to their experts: the only module of the MoE layer that talks across ranks.
 
-The layer hands a dispatcher the routed rows already grouped by (global) expert id. A dispatcher runs
-the experts on them and returns the outputs in the same order:
+The layer hands a dispatcher its tokens ``x_SM``, the token of each kept (token, choice) pair in
+(global) expert order, the pairs' combine weights and the pairs per expert. A dispatcher runs the
+experts on those rows and returns ``out_SM``: each token's weighted sum of its experts' outputs.
 
 * ``LocalDispatcher``: every expert is local (ep_size = 1); no communication.
 * ``AllToAllDispatcher``: experts are spread over the expert-parallel (EP) group, rank r owning the
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .experts import run_experts_indexed
 
 
 class _AllToAll(torch.autograd.Function):
@@ -49,8 +52,9 @@ class LocalDispatcher:
     def __init__(self, dp_group=None):
         self.dp_group = dp_group
 
-    def run(self, x_NM: torch.Tensor, tokens_per_expert: torch.Tensor, experts: nn.Module) -> torch.Tensor:
-        return experts(x_NM, tokens_per_expert)
+    def run(self, x_SM: torch.Tensor, token_of_pair_N: torch.Tensor, weight_N: torch.Tensor,
+            tokens_per_expert: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+        return run_experts_indexed(experts, x_SM, tokens_per_expert, token_of_pair_N, weight_N)
 
     def sum_over_data_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
@@ -66,7 +70,8 @@ class AllToAllDispatcher(LocalDispatcher):
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
 
-    def run(self, x_NM: torch.Tensor, tokens_per_expert: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    def run(self, x_SM: torch.Tensor, token_of_pair_N: torch.Tensor, weight_N: torch.Tensor,
+            tokens_per_expert: torch.Tensor, experts: nn.Module) -> torch.Tensor:
         ep_size, num_local = self.ep_size, experts.num_local_experts
         if tokens_per_expert.numel() != ep_size * num_local:
             raise ValueError(
@@ -81,16 +86,19 @@ class AllToAllDispatcher(LocalDispatcher):
         input_splits = send_EL.sum(dim=1).tolist()
         output_splits = recv_EL.sum(dim=1).tolist()
 
-        # communication
+        # communication (the send buffer is the one (N, M) copy of the routed rows on this path)
+        x_NM = x_SM.index_select(0, token_of_pair_N)
         x_recv = _AllToAll.apply(x_NM, output_splits, input_splits, self.ep_group)
 
         # post: rows arrive as (source, local expert); experts want them as (local expert, source).
-        segment = torch.arange(ep_size * num_local, device=x_NM.device).repeat_interleave(recv_counts)
+        # run_experts_indexed reads them in that order and writes the results back in arrival order.
+        segment = torch.arange(ep_size * num_local, device=x_SM.device).repeat_interleave(recv_counts)
         by_expert = torch.argsort(segment % num_local, stable=True)
-        y_local = experts(x_recv.index_select(0, by_expert), recv_EL.sum(dim=0))
-        y_recv = torch.empty_like(y_local).index_copy(0, by_expert, y_local)  # back to (source, expert)
+        y_recv = run_experts_indexed(experts, x_recv, recv_EL.sum(dim=0), by_expert)
 
-        return _AllToAll.apply(y_recv, input_splits, output_splits, self.ep_group)
+        y_NM = _AllToAll.apply(y_recv, input_splits, output_splits, self.ep_group)
+        # combine: weight each pair and add it into its token's row
+        return y_NM.new_zeros(x_SM.shape).index_add_(0, token_of_pair_N, y_NM * weight_N.unsqueeze(1))
 
 
 def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> str:

@@ -3,6 +3,9 @@
 An expert group holds the experts local to one rank and runs them over tokens already grouped
 by expert: ``forward(x_NM, tokens_per_expert)`` where rows ``[0, n_0)`` belong to local expert 0,
 the next ``n_1`` rows to expert 1, and so on. It returns ``(N, M)`` in the same row order.
+The layer calls groups through ``run_experts_indexed``, which gathers the rows, runs ``forward`` and
+scatters the results back; a group may instead implement ``forward_indexed`` to do all three at once
+(``SwiGLUExperts`` does, so no permuted copy of the tokens is materialised).
 
 Checkpoint layout: whatever the in-memory storage, a group's state dict presents one entry per
 expert under ``deepspeed_experts.{i}.<name>``, the names the DeepSpeed engine cuts into one file
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -123,71 +126,106 @@ def _nt(weight: torch.Tensor, transpose_copy: bool) -> torch.Tensor:
 
 
 class _SwiGLUBlocks(torch.autograd.Function):
-    """Stacked SwiGLU experts over contiguous row blocks, one expert at a time, memory-lean.
+    """Stacked SwiGLU experts over row blocks, one expert at a time, memory-lean.
 
-    forward:  a = x·w1ᵀ, b = x·w3ᵀ, y = (silu(a)·b)·w2ᵀ per block; saves only x, a and b
-              (autograd of the plain expression keeps x, a, silu(a), b and the product).
-    backward: recomputes silu(a) and the product block by block (cheap, cache-resident) and writes
-              each expert's weight gradient straight into its slice of the stacked gradient.
+    Plain mode (``index_N`` None): rows ``[0, n_0)`` of ``x`` go to expert 0, the next ``n_1`` to expert 1,
+    and so on; the output has the same rows.
+    Indexed mode: position i of the expert-grouped order reads row ``index_N[i]`` of ``x``, and
+    ``weight_N[i] · y_i`` is added into row ``index_N[i]`` of an output shaped like ``x``. The gathered
+    rows and the expert outputs are scratch buffers of the call: autograd keeps neither, and the combine
+    weighting is applied per block while the block is in cache.
+
+    forward:  a = x·w1ᵀ, b = x·w3ᵀ, y = (silu(a)·b)·w2ᵀ per block; saves only a and b besides the inputs
+              (autograd of the plain expression keeps x, a, silu(a), b, the product, and in indexed mode
+              also the gathered rows and y).
+    backward: recomputes silu(a) and the product block by block (cheap, cache-resident), gathers x again
+              in indexed mode, and writes each expert's weight gradient straight into its slice of the
+              stacked gradient. The weight's gradient ``<y_i, g_i>`` is taken as ``<h_i, g_i·w2>``.
     """
 
     @staticmethod
-    def forward(ctx, x_NM, w1, w3, w2, counts: list[int]):
+    def forward(ctx, x, w1, w3, w2, weight_N, index_N, counts: list[int]):
+        x_NM = x if index_N is None else x.index_select(0, index_N)
         num_rows = x_NM.shape[0]
-        inter = w1.shape[1]
-        a_NF = x_NM.new_empty(num_rows, inter)
-        b_NF = x_NM.new_empty(num_rows, inter)
-        y_NM = x_NM.new_empty(num_rows, w2.shape[1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
+        a_NF = x.new_empty(num_rows, w1.shape[1])
+        b_NF = x.new_empty(num_rows, w1.shape[1])
+        y_NM = x.new_empty(num_rows, w2.shape[1])
+        for e, rows in _blocks(counts):
             x_nM = x_NM[rows]
             a_nF = torch.mm(x_nM, w1[e].t(), out=a_NF[rows])
             b_nF = torch.mm(x_nM, w3[e].t(), out=b_NF[rows])
             h_nF = F.silu(a_nF).mul_(b_nF)
-            torch.mm(h_nF, w2[e].t(), out=y_NM[rows])
-            start += n
+            y_nM = torch.mm(h_nF, w2[e].t(), out=y_NM[rows])
+            if weight_N is not None:
+                y_nM.mul_(weight_N[rows].unsqueeze(1))
         ctx.counts = counts
-        ctx.save_for_backward(x_NM, a_NF, b_NF, w1, w3, w2)
-        return y_NM
+        ctx.save_for_backward(x, a_NF, b_NF, w1, w3, w2, weight_N, index_N)
+        if index_N is None:
+            return y_NM
+        return y_NM.new_zeros(x.shape[0], y_NM.shape[1]).index_add_(0, index_N, y_NM)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_NM):
-        x_NM, a_NF, b_NF, w1, w3, w2 = ctx.saved_tensors
-        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        g_NM = g_NM.contiguous()
-        transpose_copy = g_NM.device.type == "cpu" and g_NM.dtype != torch.float32
-        dx_NM = torch.empty_like(x_NM) if need_x else None
+    def backward(ctx, g_out):
+        x, a_NF, b_NF, w1, w3, w2, weight_N, index_N = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2, need_weight = ctx.needs_input_grad[:5]
+        g_out = g_out.contiguous()
+        transpose_copy = g_out.device.type == "cpu" and g_out.dtype != torch.float32
+        if index_N is None:
+            x_NM, g_NM = x, g_out
+        else:  # fresh copies: scaling g_NM in place below is safe
+            x_NM, g_NM = x.index_select(0, index_N), g_out.index_select(0, index_N)
+        dx_NM = None
+        if need_x:  # in indexed mode the gathered x is a private copy; each block's dx overwrites its x
+            dx_NM = torch.empty_like(x_NM) if index_N is None else x_NM
         dw1 = torch.empty_like(w1) if need_w1 else None
         dw3 = torch.empty_like(w3) if need_w3 else None
         dw2 = torch.empty_like(w2) if need_w2 else None
-        start = 0
+        dweight_N = torch.empty_like(weight_N) if need_weight else None
         for e, n in enumerate(ctx.counts):
             if n == 0:  # an expert without tokens gets a zero gradient
                 for grad in (dw1, dw3, dw2):
                     if grad is not None:
                         grad[e].zero_()
-                continue
-            rows = slice(start, start + n)
-            start += n
+        for e, rows in _blocks(ctx.counts):
             x_nM, a_nF, b_nF, g_nM = x_NM[rows], a_NF[rows], b_NF[rows], g_NM[rows]
             s_nF = F.silu(a_nF)
+            h_nF = s_nF * b_nF if (need_w2 or need_weight) else None
+            # The combine weight w scales y, so every gradient below the combine is w times the unweighted
+            # one. w is folded into the (n, M) operands g and x and into dx, never into an (n, F) one.
+            dh_nF = torch.mm(g_nM, _nt(w2[e], transpose_copy))  # (n, F) unweighted gradient of h
+            if weight_N is not None:
+                w_n1 = weight_N[rows].unsqueeze(1)
+                if need_weight:
+                    torch.sum(h_nF * dh_nF, dim=1, out=dweight_N[rows])  # <h, g·w2ᵀ> = <y, g>
+                g_nM.mul_(w_n1)  # x_NM and g_NM are private gathered copies when there is a weight
+                x_nM.mul_(w_n1)
             if need_w2:
-                torch.mm(g_nM.t(), s_nF * b_nF, out=dw2[e])  # (M, F) = gᵀ·h
-            dh_nF = torch.mm(g_nM, _nt(w2[e], transpose_copy))  # (n, F)
+                torch.mm(g_nM.t(), h_nF, out=dw2[e])  # (M, F) = (w·g)ᵀ·h
             db_nF = s_nF.mul_(dh_nF)  # d/db = dh·silu(a); s is not needed after this
             da_nF = torch.ops.aten.silu_backward(dh_nF.mul_(b_nF), a_nF)  # dh·b·silu'(a)
             if need_w1:
                 torch.mm(da_nF.t(), x_nM, out=dw1[e])
             if need_w3:
                 torch.mm(db_nF.t(), x_nM, out=dw3[e])
-            if need_x:
+            if need_x:  # after dw1 and dw3, the last readers of x_nM
                 dx_nM = torch.mm(da_nF, _nt(w1[e], transpose_copy), out=dx_NM[rows])
                 dx_nM.addmm_(db_nF, _nt(w3[e], transpose_copy))
-        return dx_NM, dw1, dw3, dw2, None
+                if weight_N is not None:
+                    dx_nM.mul_(w_n1)
+        dx = dx_NM
+        if need_x and index_N is not None:
+            dx = dx_NM.new_zeros(x.shape).index_add_(0, index_N, dx_NM)
+        return dx, dw1, dw3, dw2, dweight_N, None, None
+
+
+def _blocks(counts: list[int]):
+    """(expert, row slice) of every non-empty block of an expert-grouped order."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+            start += n
 
 
 class SwiGLUExperts(nn.Module):
@@ -240,7 +278,39 @@ class SwiGLUExperts(nn.Module):
             hidden_NF = F.silu(project(x_NM, self.w1)) * project(x_NM, self.w3)
             return project(hidden_NF, self.w2)
         counts = tokens_per_expert.tolist()  # one host sync; the loop needs the block sizes
-        return _SwiGLUBlocks.apply(x_NM.contiguous(), self.w1, self.w3, self.w2, counts)
+        return _SwiGLUBlocks.apply(x_NM.contiguous(), self.w1, self.w3, self.w2, None, None, counts)
+
+    def forward_indexed(self, x_SM: torch.Tensor, tokens_per_expert: torch.Tensor, index_N: torch.Tensor,
+                        weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``run_experts_indexed`` for stacked SwiGLU: fused per block on the loop path."""
+        if self._grouped(x_SM):
+            return _gather_run_combine(self, x_SM, tokens_per_expert, index_N, weight_N)
+        counts = tokens_per_expert.tolist()
+        return _SwiGLUBlocks.apply(x_SM.contiguous(), self.w1, self.w3, self.w2, weight_N, index_N, counts)
+
+
+def _gather_run_combine(experts: nn.Module, x_SM: torch.Tensor, tokens_per_expert: torch.Tensor,
+                        index_N: torch.Tensor, weight_N: Optional[torch.Tensor]) -> torch.Tensor:
+    y_NM = experts(x_SM.index_select(0, index_N), tokens_per_expert)
+    if weight_N is not None:
+        y_NM = y_NM * weight_N.unsqueeze(1)
+    return y_NM.new_zeros(x_SM.shape[0], y_NM.shape[1]).index_add_(0, index_N, y_NM)
+
+
+def run_experts_indexed(experts: nn.Module, x_SM: torch.Tensor, tokens_per_expert: torch.Tensor,
+                        index_N: torch.Tensor, weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run an expert group on rows picked by ``index_N`` and add the results back where they came from.
+
+    Position i of the expert-grouped order (``tokens_per_expert`` rows per local expert, in order) is
+    row ``index_N[i]`` of ``x_SM``; the output, shaped like ``x_SM``, gets ``weight_N[i] · y_i`` added
+    into row ``index_N[i]`` (rows never indexed stay 0; an index may repeat, as with top-2 routing).
+    Expert groups with a ``forward_indexed`` method of this signature run it (``SwiGLUExperts`` fuses
+    gather, experts and combine); any other group is gathered, run with ``forward`` and scattered back.
+    """
+    fused = getattr(experts, "forward_indexed", None)
+    if fused is not None:
+        return fused(x_SM, tokens_per_expert, index_N, weight_N)
+    return _gather_run_combine(experts, x_SM, tokens_per_expert, index_N, weight_N)
 
 
 _STACKED_NAMES = ("w1", "w2", "w3")

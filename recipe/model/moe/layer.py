@@ -177,7 +177,7 @@ class MoE(DeepSpeedMoE):
         leading_shape, hidden = hidden_states.shape[:-1], hidden_states.shape[-1]
         x_SM = hidden_states.reshape(-1, hidden)
         mask_S = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
-        num_tokens, k = x_SM.shape[0], self.k
+        k = self.k
 
         logits_SE = self.deepspeed_moe.gate(x_SM)
         gate: GateOutput = self.gate_fn(
@@ -198,13 +198,11 @@ class MoE(DeepSpeedMoE):
             counts = self.dispatcher.sum_over_data_parallel(counts)
             l_aux = load_balancing_loss(gate.gate_prob_mean, counts[:-1] / counts[-1].clamp(min=1))
 
-        # Permute: one row per kept (token, choice) pair, grouped by expert.
+        # One entry per kept (token, choice) pair, grouped by expert: its token and its combine weight.
         token_of_pair_N = torch.div(gate.sorted_pairs, k, rounding_mode="floor")
-        x_NM = x_SM.index_select(0, token_of_pair_N)
-        y_NM = self.dispatcher.run(x_NM, gate.tokens_per_expert, self.deepspeed_moe.experts)
-        # Combine: weight each pair and add it into its token's row (no (S·k, M) buffer).
-        weight_N = gate.combine_weight.reshape(-1).index_select(0, gate.sorted_pairs).to(y_NM.dtype)
-        out_SM = y_NM.new_zeros(num_tokens, hidden).index_add_(0, token_of_pair_N, y_NM * weight_N.unsqueeze(1))
+        weight_N = gate.combine_weight.reshape(-1).index_select(0, gate.sorted_pairs).to(x_SM.dtype)
+        out_SM = self.dispatcher.run(x_SM, token_of_pair_N, weight_N, gate.tokens_per_expert,
+                                     self.deepspeed_moe.experts)
 
         stats = RoutingStats(
             tokens_per_expert=gate.tokens_per_expert.detach(),
