@@ -20,7 +20,8 @@ Every backward includes the balancing loss (weight 0.01) for the two MoE layers.
 gradients are reset to None before each call (as ``zero_grad(set_to_none=True)`` does).
 
 Timing: contenders are interleaved round-robin in one process (the order rotates each round), after a
-warm-up; each round times ``reps`` calls per contender (enough for ~0.15 s). Ratios are computed per
+warm-up; each round times ``reps`` calls per contender (enough for ~0.4 s: at S=1024 one call takes
+~90 ms, and single calls on this 2-core VM vary by 10-20%). Ratios are computed per
 round and the table shows their median, which cancels slow drifts of the machine.
 
 Peak memory: each (row, contender) runs in a fresh process forked from a server that has only imported
@@ -197,7 +198,7 @@ def build_runner(name: str, case: Case) -> Runner:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def time_case(case: Case, names: tuple, rounds: int, target_s: float = 0.15) -> Dict[str, List[float]]:
+def time_case(case: Case, names: tuple, rounds: int, target_s: float = 0.4) -> Dict[str, List[float]]:
     """Seconds per forward+backward for each contender, one entry per round (round-robin, rotating order)."""
     runners = {name: build_runner(name, case) for name in names}
     reps = {}
