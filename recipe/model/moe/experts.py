@@ -132,15 +132,13 @@ class _SwiGLUBlocks(torch.autograd.Function):
     and so on; the output has the same rows.
     Indexed mode: position i of the expert-grouped order reads row ``index_N[i]`` of ``x``, and
     ``weight_N[i] · y_i`` is added into row ``index_N[i]`` of an output shaped like ``x``. The gathered
-    rows and the expert outputs are scratch buffers of the call: autograd keeps neither, and the combine
-    weighting is applied per block while the block is in cache.
+    rows are a scratch buffer of the call, gathered again in backward rather than kept.
 
-    forward:  a = x·w1ᵀ, b = x·w3ᵀ, y = (silu(a)·b)·w2ᵀ per block; saves only a and b besides the inputs
-              (autograd of the plain expression keeps x, a, silu(a), b, the product, and in indexed mode
-              also the gathered rows and y).
-    backward: recomputes silu(a) and the product block by block (cheap, cache-resident), gathers x again
-              in indexed mode, and writes each expert's weight gradient straight into its slice of the
-              stacked gradient. The weight's gradient ``<y_i, g_i>`` is taken as ``<h_i, g_i·w2>``.
+    forward:  a = x·w1ᵀ, b = x·w3ᵀ, y = (silu(a)·b)·w2ᵀ per block; keeps a and b besides the inputs, and
+              y only when the combine weight needs a gradient (autograd of the plain expressions keeps
+              the gathered rows, a, silu(a), b, the product and y).
+    backward: recomputes silu(a) and the product block by block (cheap, cache-resident) and writes
+              each expert's weight gradient straight into its slice of the stacked gradient.
     """
 
     @staticmethod
@@ -155,28 +153,30 @@ class _SwiGLUBlocks(torch.autograd.Function):
             a_nF = torch.mm(x_nM, w1[e].t(), out=a_NF[rows])
             b_nF = torch.mm(x_nM, w3[e].t(), out=b_NF[rows])
             h_nF = F.silu(a_nF).mul_(b_nF)
-            y_nM = torch.mm(h_nF, w2[e].t(), out=y_NM[rows])
-            if weight_N is not None:
-                y_nM.mul_(weight_N[rows].unsqueeze(1))
+            torch.mm(h_nF, w2[e].t(), out=y_NM[rows])
         ctx.counts = counts
-        ctx.save_for_backward(x, a_NF, b_NF, w1, w3, w2, weight_N, index_N)
+        # The weight's gradient <y_i, g_i> needs y; it is the only (N, M) tensor kept, and only then.
+        keep_y = weight_N is not None and weight_N.requires_grad
+        ctx.save_for_backward(x, a_NF, b_NF, w1, w3, w2, weight_N, index_N, y_NM if keep_y else None)
         if index_N is None:
             return y_NM
+        if weight_N is not None:
+            y_NM = y_NM * weight_N.unsqueeze(1) if keep_y else y_NM.mul_(weight_N.unsqueeze(1))
         return y_NM.new_zeros(x.shape[0], y_NM.shape[1]).index_add_(0, index_N, y_NM)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out):
-        x, a_NF, b_NF, w1, w3, w2, weight_N, index_N = ctx.saved_tensors
+        x, a_NF, b_NF, w1, w3, w2, weight_N, index_N, y_NM = ctx.saved_tensors
         need_x, need_w1, need_w3, need_w2, need_weight = ctx.needs_input_grad[:5]
         g_out = g_out.contiguous()
         transpose_copy = g_out.device.type == "cpu" and g_out.dtype != torch.float32
         if index_N is None:
             x_NM, g_NM = x, g_out
-        else:  # fresh copies: scaling g_NM in place below is safe
+        else:  # private gathered copies: g_NM is scaled in place, x_NM is overwritten by dx
             x_NM, g_NM = x.index_select(0, index_N), g_out.index_select(0, index_N)
         dx_NM = None
-        if need_x:  # in indexed mode the gathered x is a private copy; each block's dx overwrites its x
+        if need_x:
             dx_NM = torch.empty_like(x_NM) if index_N is None else x_NM
         dw1 = torch.empty_like(w1) if need_w1 else None
         dw3 = torch.empty_like(w3) if need_w3 else None
@@ -189,19 +189,14 @@ class _SwiGLUBlocks(torch.autograd.Function):
                         grad[e].zero_()
         for e, rows in _blocks(ctx.counts):
             x_nM, a_nF, b_nF, g_nM = x_NM[rows], a_NF[rows], b_NF[rows], g_NM[rows]
-            s_nF = F.silu(a_nF)
-            h_nF = s_nF * b_nF if (need_w2 or need_weight) else None
-            # The combine weight w scales y, so every gradient below the combine is w times the unweighted
-            # one. w is folded into the (n, M) operands g and x and into dx, never into an (n, F) one.
-            dh_nF = torch.mm(g_nM, _nt(w2[e], transpose_copy))  # (n, F) unweighted gradient of h
             if weight_N is not None:
-                w_n1 = weight_N[rows].unsqueeze(1)
                 if need_weight:
-                    torch.sum(h_nF * dh_nF, dim=1, out=dweight_N[rows])  # <h, g·w2ᵀ> = <y, g>
-                g_nM.mul_(w_n1)  # x_NM and g_NM are private gathered copies when there is a weight
-                x_nM.mul_(w_n1)
+                    torch.sum(y_NM[rows] * g_nM, dim=1, out=dweight_N[rows])  # <y, g>
+                g_nM.mul_(weight_N[rows].unsqueeze(1))  # from here on, the gradient of the weighted y
+            s_nF = F.silu(a_nF)
             if need_w2:
-                torch.mm(g_nM.t(), h_nF, out=dw2[e])  # (M, F) = (w·g)ᵀ·h
+                torch.mm(g_nM.t(), s_nF * b_nF, out=dw2[e])  # (M, F) = gᵀ·h
+            dh_nF = torch.mm(g_nM, _nt(w2[e], transpose_copy))  # (n, F)
             db_nF = s_nF.mul_(dh_nF)  # d/db = dh·silu(a); s is not needed after this
             da_nF = torch.ops.aten.silu_backward(dh_nF.mul_(b_nF), a_nF)  # dh·b·silu'(a)
             if need_w1:
@@ -211,8 +206,6 @@ class _SwiGLUBlocks(torch.autograd.Function):
             if need_x:  # after dw1 and dw3, the last readers of x_nM
                 dx_nM = torch.mm(da_nF, _nt(w1[e], transpose_copy), out=dx_NM[rows])
                 dx_nM.addmm_(db_nF, _nt(w3[e], transpose_copy))
-                if weight_N is not None:
-                    dx_nM.mul_(w_n1)
         dx = dx_NM
         if need_x and index_N is not None:
             dx = dx_NM.new_zeros(x.shape).index_add_(0, index_N, dx_NM)
