@@ -20,9 +20,9 @@ Every backward includes the balancing loss (weight 0.01) for the two MoE layers.
 gradients are reset to None before each call (as ``zero_grad(set_to_none=True)`` does).
 
 Timing: contenders are interleaved round-robin in one process (the order rotates each round), after a
-warm-up; each round times ``reps`` calls per contender (enough for ~0.4 s: at S=1024 one call takes
-~90 ms, and single calls on this 2-core VM vary by 10-20%). Ratios are computed per
-round and the table shows their median, which cancels slow drifts of the machine.
+warm-up; each round times ``reps`` calls per contender (enough for ~0.15 s), and a row runs at least
+5 rounds and as many more as fit in ~10 s of timing (up to 40: short rows get many). Ratios are computed
+per round and the table shows their median, which cancels slow drifts of the machine.
 
 Peak memory: each (row, contender) runs in a fresh process forked from a server that has only imported
 the libraries. The child builds the contender and its inputs, runs a tiny warm-up (lazy imports), resets
@@ -198,16 +198,24 @@ def build_runner(name: str, case: Case) -> Runner:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def time_case(case: Case, names: tuple, rounds: int, target_s: float = 0.4) -> Dict[str, List[float]]:
-    """Seconds per forward+backward for each contender, one entry per round (round-robin, rotating order)."""
+def time_case(case: Case, names: tuple, min_rounds: int, target_s: float = 0.15,
+              row_budget_s: float = 10.0) -> Dict[str, List[float]]:
+    """Seconds per forward+backward for each contender, one entry per round (round-robin, rotating order).
+
+    Each round times ``reps`` calls per contender (~``target_s``); short rows get more rounds, up to
+    ``row_budget_s`` of timing (at most 40 rounds), because on this VM single calls vary by 10-20% and
+    a median over 5 rounds of a 90 ms call still moved by that much between runs.
+    """
     runners = {name: build_runner(name, case) for name in names}
-    reps = {}
+    reps, once = {}, {}
     for name, runner in runners.items():
         runner.step()  # warm-up (lazy init, allocator); the next call also sizes the repetitions
         start = time.perf_counter()
         runner.step()
-        once = time.perf_counter() - start
-        reps[name] = max(1, min(20, math.ceil(target_s / max(once, 1e-6))))
+        once[name] = max(time.perf_counter() - start, 1e-6)
+        reps[name] = max(1, min(20, math.ceil(target_s / once[name])))
+    round_s = sum(reps[name] * once[name] for name in names)
+    rounds = max(min_rounds, min(40, math.floor(row_budget_s / round_s)))
     times: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -359,7 +367,7 @@ def environment() -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~1 minute subset")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per row (default 5, quick 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="minimum timed rounds per row (default 5, quick 3); short rows run more, up to ~10 s of timing")
     parser.add_argument("--only", default=None, help="comma-separated groups: grid,wide,experts,bf16,path")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", default="bench_results/layer.json")
@@ -387,8 +395,8 @@ def main(argv=None) -> None:
         names = PATH_CONTENDERS if case.group == "path" else CONTENDERS
         t0 = time.perf_counter()
         case_rounds = min(rounds, 3) if case.dtype != "fp32" else rounds  # bf16 is slow here; see docstring
-        times = time_case(case, names, case_rounds)
-        row = {"case": asdict(case), "label": case.label, "rounds": case_rounds,
+        times = time_case(case, names, case_rounds, row_budget_s=3.0 if args.quick else 10.0)
+        row = {"case": asdict(case), "label": case.label, "rounds": len(times[names[0]]),
                "median_ms": {n: 1e3 * statistics.median(v) for n, v in times.items()},
                "times_ms": {n: [1e3 * t for t in v] for n, v in times.items()}}
         if case.group == "path":
