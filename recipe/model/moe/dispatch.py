@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .experts import run_experts_indexed
+from .experts import combine, run_experts_indexed
 
 
 class _AllToAll(torch.autograd.Function):
@@ -97,8 +97,7 @@ class AllToAllDispatcher(LocalDispatcher):
         y_recv = run_experts_indexed(experts, x_recv, recv_EL.sum(dim=0), by_expert)
 
         y_NM = _AllToAll.apply(y_recv, input_splits, output_splits, self.ep_group)
-        # combine: weight each pair and add it into its token's row
-        return y_NM.new_zeros(x_SM.shape).index_add_(0, token_of_pair_N, y_NM * weight_N.unsqueeze(1))
+        return combine(y_NM, token_of_pair_N, weight_N, x_SM.shape[0])  # weighted, into each pair's token
 
 
 def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> str:

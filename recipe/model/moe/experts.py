@@ -282,12 +282,16 @@ class SwiGLUExperts(nn.Module):
         return _SwiGLUBlocks.apply(x_SM.contiguous(), self.w1, self.w3, self.w2, weight_N, index_N, counts)
 
 
-def _gather_run_combine(experts: nn.Module, x_SM: torch.Tensor, tokens_per_expert: torch.Tensor,
-                        index_N: torch.Tensor, weight_N: Optional[torch.Tensor]) -> torch.Tensor:
-    y_NM = experts(x_SM.index_select(0, index_N), tokens_per_expert)
+def combine(y_NM: torch.Tensor, index_N: torch.Tensor, weight_N: Optional[torch.Tensor], num_rows: int) -> torch.Tensor:
+    """``out[index_N[i]] += weight_N[i] · y_NM[i]`` into ``num_rows`` zero rows (differentiable)."""
     if weight_N is not None:
         y_NM = y_NM * weight_N.unsqueeze(1)
-    return y_NM.new_zeros(x_SM.shape[0], y_NM.shape[1]).index_add_(0, index_N, y_NM)
+    return y_NM.new_zeros(num_rows, y_NM.shape[1]).index_add_(0, index_N, y_NM)
+
+
+def _gather_run_combine(experts: nn.Module, x_SM: torch.Tensor, tokens_per_expert: torch.Tensor,
+                        index_N: torch.Tensor, weight_N: Optional[torch.Tensor]) -> torch.Tensor:
+    return combine(experts(x_SM.index_select(0, index_N), tokens_per_expert), index_N, weight_N, x_SM.shape[0])
 
 
 def run_experts_indexed(experts: nn.Module, x_SM: torch.Tensor, tokens_per_expert: torch.Tensor,
