@@ -367,7 +367,8 @@ def environment() -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~1 minute subset")
-    parser.add_argument("--rounds", type=int, default=None, help="minimum timed rounds per row (default 5, quick 3); short rows run more, up to ~10 s of timing")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="minimum timed rounds per row (default 5, quick 3); short rows run more, up to ~10 s")
     parser.add_argument("--only", default=None, help="comma-separated groups: grid,wide,experts,bf16,path")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", default="bench_results/layer.json")
