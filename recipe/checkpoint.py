@@ -172,6 +172,9 @@ def prune(run_dir: str | Path, keep_last: int) -> list[str]:
     doomed = sorted(p.name for p in root.glob("step*") if p.is_dir() and (
         p.name < oldest_kept or (p.name not in complete and p.name < complete[-1])))
     for tag in doomed:
+        # Marker first (as in ``begin``): a kill part-way through the delete leaves an interrupted save,
+        # which the next prune removes, never a folder that passes for complete with files missing.
+        (root / tag / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(root / tag, ignore_errors=True)
     return doomed
 

@@ -65,6 +65,28 @@ def test_prune_keeps_last_k_complete_and_never_the_newest(tmp_path):
     assert prune(tmp_path, keep_last=5) == []
 
 
+def test_prune_killed_mid_delete_never_leaves_a_false_complete(tmp_path, monkeypatch):
+    """A kill while an old checkpoint is being deleted: its folder must not pass for complete any more."""
+    import recipe.checkpoint as checkpoint
+
+    for step in (10, 20, 30):
+        fake_save(tmp_path, step)
+        commit(tmp_path, step_tag(step), 2, 1, 2)
+
+    def killed_mid_rmtree(path, ignore_errors=False):  # deletes one expert file, then the process dies
+        (path / "layer_0_expert_1_mp_rank_00_model_states.pt").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_mid_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        prune(tmp_path, keep_last=2)
+    assert complete_tags(tmp_path) == ["step00000020", "step00000030"]
+    assert latest_tag(tmp_path) == "step00000030"
+    monkeypatch.undo()
+    assert prune(tmp_path, keep_last=2) == ["step00000010"]  # the next prune finishes the job
+    assert not (checkpoint_root(tmp_path) / "step00000010").exists()
+
+
 def test_consolidated_state_reports_missing_or_corrupt_expert_files(tmp_path):
     folder = fake_save(tmp_path, 10)
     commit(tmp_path, step_tag(10), 2, 1, 2)
