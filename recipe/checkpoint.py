@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -179,28 +180,63 @@ def prune(run_dir: str | Path, keep_last: int) -> list[str]:
     return doomed
 
 
-def save_recipe_state(run_dir: str | Path, tag: str, rank: int, state: dict) -> None:
+@dataclass
+class RankState:
+    """What one rank saves beside DeepSpeed's files, as ``recipe_rank{R}.pt`` (a plain dict of these fields).
+
+    ``step``, ``loader`` and ``rng`` resume a run at the same layout; the layout fields let ``--reshard``
+    and ``recipe/reshard.py`` read this rank's optimizer shard back at another one. Files written before a
+    field existed load with its default (None: not recorded).
+    """
+
+    step: int
+    loader: dict  # BatchLoader.state_dict(): the global data position
+    rng: dict  # rng_state() of this rank
+    world_size: int
+    ep_size: int
+    rank: Optional[int] = None
+    ep_rank: Optional[int] = None  # None: saved before optimizer resharding existed
+    expert_dp_rank: Optional[int] = None
+    zero_stage: Optional[int] = None
+    precision: Optional[str] = None
+    optimizer_param_names: Optional[list[list[str]]] = None  # plain torch optimizer: names behind its indices
+
+    def to_dict(self) -> dict:
+        state = asdict(self)
+        if state["optimizer_param_names"] is None:  # written only for a plain torch optimizer, as before
+            del state["optimizer_param_names"]
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "RankState":
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+def save_recipe_state(run_dir: str | Path, tag: str, rank: int, state: RankState) -> None:
     path = checkpoint_root(run_dir) / tag / f"recipe_rank{rank}.pt"
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save(state.to_dict(), tmp)
     os.replace(tmp, path)  # never a half-written file under the final name
 
 
-def saved_rank_states(folder: Path) -> list[dict]:
+def _read_rank_state(path: Path) -> RankState:
+    return RankState.from_dict(torch.load(path, weights_only=False))
+
+
+def saved_rank_states(folder: Path) -> list[RankState]:
     """The recipe state of every rank that saved the checkpoint in ``folder``, in rank order."""
-    first = torch.load(folder / "recipe_rank0.pt", weights_only=False)
-    return [first] + [torch.load(folder / f"recipe_rank{r}.pt", weights_only=False)
-                      for r in range(1, first["world_size"])]
+    first = _read_rank_state(folder / "recipe_rank0.pt")
+    return [first] + [_read_rank_state(folder / f"recipe_rank{r}.pt") for r in range(1, first.world_size)]
 
 
-def load_recipe_state(run_dir: str | Path, tag: str, rank: int) -> dict:
+def load_recipe_state(run_dir: str | Path, tag: str, rank: int) -> RankState:
     path = checkpoint_root(run_dir) / tag / f"recipe_rank{rank}.pt"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} missing: checkpoint {tag} was saved with fewer ranks or is incomplete; resume with the "
             f"number of ranks it was saved with"
         )
-    return torch.load(path, weights_only=False)
+    return _read_rank_state(path)
 
 
 def consolidated_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = None) -> tuple[dict, dict]:

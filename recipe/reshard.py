@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from .checkpoint import RankState, _latest_in, consolidated_state_dict, saved_rank_states
 from .model.moe.experts import EXPERT_KEY_PREFIX
 
 QUANTITIES = ("fp32", "exp_avg", "exp_avg_sq")  # master weight and Adam's two moments
@@ -86,16 +87,14 @@ def read_optimizer_state(folder: str | Path, weights: dict[str, torch.Tensor], n
     ``weights``: the checkpoint's consolidated weights (global keys); they give each parameter's shape.
     Each saving rank's layout comes from its ``recipe_rank{R}.pt``.
     """
-    from .checkpoint import saved_rank_states
-
     folder = Path(folder)
     try:
         ranks = saved_rank_states(folder)
-    except (OSError, RuntimeError, KeyError) as exc:
+    except (OSError, RuntimeError, KeyError, TypeError) as exc:
         raise ReshardError(f"the per-rank state files of {folder} cannot be read ({exc})") from exc
-    ep_size = ranks[0]["ep_size"]
+    ep_size = ranks[0].ep_size
     for state in ranks:
-        if "ep_rank" not in state:
+        if state.ep_rank is None:
             raise ReshardError("the checkpoint predates optimizer resharding (its ranks did not record their "
                                "expert-parallel coordinates)")
     num_local = max(num_experts // ep_size, 1)
@@ -122,7 +121,7 @@ def _load(path: Path) -> dict:
         raise ReshardError(f"{path} cannot be read ({exc}); the file is truncated or corrupt") from exc
 
 
-def _read_partitioned(files: list[Path], ranks: list[dict], weights: dict[str, torch.Tensor],
+def _read_partitioned(files: list[Path], ranks: list[RankState], weights: dict[str, torch.Tensor],
                       num_local: int) -> OptimizerState:
     # fragments[(ep_rank, name)][quantity] -> [(partition index, tensor)]
     fragments: dict[tuple[int, str], dict[str, list[tuple[int, torch.Tensor]]]] = {}
@@ -142,8 +141,8 @@ def _read_partitioned(files: list[Path], ranks: list[dict], weights: dict[str, t
             steps.add(float(group_states[g]["step"]))
             for name, address in mapping.items():
                 expert = ".deepspeed_moe.experts." in name
-                partition = coords["expert_dp_rank"] if expert else coords["rank"]
-                owner = coords["ep_rank"] if expert else 0
+                partition = coords.expert_dp_rank if expert else coords.rank
+                owner = coords.ep_rank if expert else 0
                 entry = fragments.setdefault((owner, name), {q: [] for q in QUANTITIES})
                 for q in QUANTITIES:
                     entry[q].append((partition, flat[q].narrow(0, address.start, address.numel).float()))
@@ -164,8 +163,8 @@ def _read_partitioned(files: list[Path], ranks: list[dict], weights: dict[str, t
     return OptimizerState(tensors=tensors, step=steps.pop())
 
 
-def _read_torch_optimizer(files: list[Path], ranks: list[dict], num_local: int) -> OptimizerState:
-    names_by_ep = {state["ep_rank"]: state.get("optimizer_param_names") for state in ranks}
+def _read_torch_optimizer(files: list[Path], ranks: list[RankState], num_local: int) -> OptimizerState:
+    names_by_ep = {state.ep_rank: state.optimizer_param_names for state in ranks}
     tensors: dict[str, dict[str, torch.Tensor]] = {q: {} for q in QUANTITIES}
     steps = set()
     for ep_rank, path in enumerate(files):
@@ -252,8 +251,6 @@ def master_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = None) -> 
 
     Returns (state, client state, whether master weights were used). fp32 runs need no optimizer files.
     """
-    from .checkpoint import _latest_in, consolidated_state_dict
-
     root = Path(checkpoint_dir)
     tag = tag or _latest_in(root)
     weights, client = consolidated_state_dict(root, tag)

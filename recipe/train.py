@@ -122,8 +122,9 @@ def setup(args: argparse.Namespace) -> Setup:
         saved_layout = load_recipe_state(run_dir, tag, 0)
         # DeepSpeed's own loader needs the ranks, expert-parallel size, ZeRO stage and precision the checkpoint
         # was written with (checkpoints from before the last two were recorded: assume unchanged).
-        saved_shape = (saved_layout["world_size"], saved_layout["ep_size"], saved_layout.get("zero_stage", ds.zero_stage),
-                       saved_layout.get("precision", ds.precision))
+        saved_shape = (saved_layout.world_size, saved_layout.ep_size,
+                       ds.zero_stage if saved_layout.zero_stage is None else saved_layout.zero_stage,
+                       saved_layout.precision or ds.precision)
         same_layout = saved_shape == (world_size, ds.ep_size, ds.zero_stage, ds.precision)
         if not same_layout and not args.reshard:
             raise ConfigError(
@@ -132,7 +133,7 @@ def setup(args: argparse.Namespace) -> Setup:
                 f"(ZeRO-{ds.zero_stage} {ds.precision}); resume with the same layout, or add --reshard to move it "
                 f"into this one"
             )
-        saved_batch = saved_layout["loader"]["global_micro_batch"]
+        saved_batch = saved_layout.loader["global_micro_batch"]
         if args.reshard and saved_batch != ds.micro_batch_size * world_size:
             raise ConfigError(
                 f"--reshard keeps the data order, so the global micro-batch must stay {saved_batch} sequences; "
@@ -235,7 +236,7 @@ def train(run: Setup, samples: int = 0) -> int:
     from .checkpoint import begin as begin_checkpoint
     from .checkpoint import checkpoint_root, consolidated_state_dict, latest_tag, load_recipe_state, prune, rng_state
     from .checkpoint import commit as commit_checkpoint
-    from .checkpoint import save_recipe_state, set_rng_state, shard_experts, step_tag
+    from .checkpoint import RankState, save_recipe_state, set_rng_state, shard_experts, step_tag
     from .data.loader import BatchLoader, TokenDataset, eval_batches
     from .model.moe.dispatch import expert_data_parallel_rank, expert_parallel_rank
     from .model.transformer import TransformerLM
@@ -309,8 +310,8 @@ def train(run: Setup, samples: int = 0) -> int:
             # own state does on a same-layout resume; otherwise the first step runs at the initial rate.
             scheduler.step(scheduler.last_batch_iteration)
         own = load_recipe_state(run_dir, run.resume_tag, 0)  # the data position is global; RNG is per layout
-        loader.load_state_dict(own["loader"])
-        start_step = engine.global_steps = own["step"]
+        loader.load_state_dict(own.loader)
+        start_step = engine.global_steps = own.step
         try:
             moved = read_optimizer_state(checkpoint_root(run_dir) / run.resume_tag, resharded_weights,
                                          config.model.num_experts)
@@ -333,8 +334,8 @@ def train(run: Setup, samples: int = 0) -> int:
             loaded, _ = engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
             if loaded is None:
                 raise FileNotFoundError("DeepSpeed found no model states file in it")
-            loader.load_state_dict(own["loader"])
-            set_rng_state(own["rng"])
+            loader.load_state_dict(own.loader)
+            set_rng_state(own.rng)
         except Exception as exc:  # noqa: BLE001 - anything here means the checkpoint cannot be used
             failure = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         if all_reduce(torch.tensor([float(failure is not None)])).item():
@@ -344,7 +345,7 @@ def train(run: Setup, samples: int = 0) -> int:
                       f"--resume from the newest older complete checkpoint; nothing was written", file=sys.stderr,
                       flush=True)
             return 2
-        start_step = own["step"]
+        start_step = own.step
         log(f"resumed from {tag} (step {start_step})")
     elif is_main:
         (run_dir / "config.json").write_text(json.dumps(
@@ -389,8 +390,8 @@ def train(run: Setup, samples: int = 0) -> int:
         if is_main:
             begin_checkpoint(run_dir, tag)
         dist.barrier()
-        save_recipe_state(run_dir, tag, rank, {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
-                                                "world_size": world_size, "ep_size": ds.ep_size, **layout})
+        save_recipe_state(run_dir, tag, rank, RankState(step=step, loader=loader.state_dict(), rng=rng_state(),
+                                                        world_size=world_size, ep_size=ds.ep_size, **layout))
         engine.save_checkpoint(str(checkpoint_root(run_dir)), tag=tag, save_latest=False,
                                client_state={"step": step, "config": config.to_dict()})
         dist.barrier()  # every rank's files are written

@@ -138,3 +138,20 @@ def test_complete_markers_without_sizes_are_still_accepted(tmp_path):
     (folder / COMPLETE).write_text("step00000010\n")  # what earlier versions of the recipe wrote
     assert latest_tag(tmp_path) == "step00000010"
     assert recorded_files(folder) is None and resume_problem(tmp_path, "step00000010") is None
+
+
+def test_rank_state_keeps_its_keys_on_disk_and_reads_older_files_with_defaults(tmp_path):
+    from recipe.checkpoint import RankState, load_recipe_state, save_recipe_state
+
+    (tmp_path / "checkpoints" / "step00000001").mkdir(parents=True)
+    state = RankState(step=1, loader={"position": 3}, rng={}, world_size=2, ep_size=2, rank=1, ep_rank=1,
+                      expert_dp_rank=0, zero_stage=2, precision="fp32")
+    save_recipe_state(tmp_path, "step00000001", 1, state)
+    on_disk = torch.load(tmp_path / "checkpoints" / "step00000001" / "recipe_rank1.pt", weights_only=False)
+    assert set(on_disk) == {"step", "loader", "rng", "world_size", "ep_size", "rank", "ep_rank", "expert_dp_rank",
+                            "zero_stage", "precision"}  # optimizer_param_names only for a plain torch optimizer
+    assert load_recipe_state(tmp_path, "step00000001", 1) == state
+    older = {"step": 5, "loader": {}, "rng": {}, "world_size": 1, "ep_size": 1}  # before layout fields existed
+    torch.save(older, tmp_path / "checkpoints" / "step00000001" / "recipe_rank0.pt")
+    loaded = load_recipe_state(tmp_path, "step00000001", 0)
+    assert (loaded.step, loaded.ep_rank, loaded.zero_stage, loaded.precision) == (5, None, None, None)
