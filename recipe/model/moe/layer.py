@@ -49,7 +49,7 @@ class MoEOutput(NamedTuple):
     output: torch.Tensor  # same shape and dtype as the input
     l_aux: torch.Tensor  # () fp32 GShard balancing loss (1 at perfect balance)
     z_loss: torch.Tensor  # () fp32 router z-loss, unweighted
-    stats: RoutingStats
+    stats: Optional[RoutingStats]  # None from layers without routing telemetry (DeepSpeed's baseline)
 
 
 class Router(nn.Module):
