@@ -33,6 +33,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .model.expert_keys import shard_experts  # noqa: F401  (re-exported: the trainer imports it from here)
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -279,20 +281,3 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = Non
             )
     client_state = {k: v for k, v in saved.items() if k not in ("module", "optimizer")}
     return state, client_state
-
-
-def shard_experts(state: dict, ep_rank: int, num_local_experts: int) -> dict:
-    """From a whole-model state dict (global expert ids), the entries an ``ep_rank`` shard holds, renumbered
-    to local ids; non-expert entries pass through. The inverse of what ``consolidated_state_dict`` gathers."""
-    marker = ".deepspeed_experts."
-    first = ep_rank * num_local_experts
-    local = {}
-    for key, value in state.items():
-        if marker not in key:
-            local[key] = value
-            continue
-        head, tail = key.split(marker, 1)
-        expert, rest = tail.split(".", 1)
-        if first <= int(expert) < first + num_local_experts:
-            local[f"{head}{marker}{int(expert) - first}.{rest}"] = value
-    return local

@@ -30,6 +30,7 @@ import torch
 
 from .checkpoint import checkpoint_root, consolidated_state_dict
 from .config import RecipeConfig
+from .model.expert_keys import EXPERT_GROUP_PATH, expert_key
 from .reshard import ReshardError, master_state_dict
 
 
@@ -82,10 +83,10 @@ def to_hf_state(state: dict, config: RecipeConfig) -> tuple[dict, dict]:
         src, dst = f"blocks.{i}.ffn.", f"model.layers.{i}.{mlp}."
         if i in moe_layers:
             out[dst + "gate.weight"] = state[src + "deepspeed_moe.gate.wg.weight"]
+            experts = f"{src}{EXPERT_GROUP_PATH}."
             for e in range(m.num_experts):
-                ours = f"{src}deepspeed_moe.experts.deepspeed_experts.{e}."
                 for theirs, mine in zip(names, ("w1", "w3", "w2")):
-                    out[f"{dst}experts.{e}.{theirs}.weight"] = state[ours + mine + ".weight"]
+                    out[f"{dst}experts.{e}.{theirs}.weight"] = state[expert_key(experts, e, f"{mine}.weight")]
             if arch == "qwen2_moe":  # a zero-width shared expert contributes exactly 0
                 out[dst + "shared_expert.gate_proj.weight"] = torch.zeros(0, m.hidden_size)
                 out[dst + "shared_expert.up_proj.weight"] = torch.zeros(0, m.hidden_size)

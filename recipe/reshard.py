@@ -16,14 +16,12 @@ Source formats (what DeepSpeed 0.19 writes for our runs):
   optimizer's own state dict, keyed by parameter index; the names behind the indices are recorded by the
   trainer in ``recipe_rank{R}.pt`` (``optimizer_param_names``).
 
-Names: a parameter name is local to its expert-parallel rank (``...experts.w1`` holds that rank's
-``num_local_experts`` experts stacked; a module-list expert is ``...deepspeed_experts.{local id}...``).
-``OptimizerState`` stores everything under the per-expert state-dict keys with global expert ids, the
-same key space as ``recipe.checkpoint.consolidated_state_dict``.
+Names: a parameter name is local to its expert-parallel rank (stacked or per-expert, local ids; the forms
+are in ``recipe.model.expert_keys``). ``OptimizerState`` stores everything under the per-expert state-dict
+keys with global expert ids, the same key space as ``recipe.checkpoint.consolidated_state_dict``.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,11 +29,9 @@ from typing import Optional
 import torch
 
 from .checkpoint import RankState, _latest_in, consolidated_state_dict, saved_rank_states
-from .model.moe.experts import EXPERT_KEY_PREFIX
+from .model.expert_keys import global_keys, is_expert_parameter, parse_stacked
 
 QUANTITIES = ("fp32", "exp_avg", "exp_avg_sq")  # master weight and Adam's two moments
-_STACKED = re.compile(r"(?P<head>.*\.deepspeed_moe\.experts)\.(?P<weight>w[123])")
-_LISTED = re.compile(rf"(?P<head>.*\.deepspeed_moe\.experts\.{EXPERT_KEY_PREFIX})\.(?P<id>\d+)\.(?P<rest>.+)")
 
 
 class ReshardError(ValueError):
@@ -52,31 +48,22 @@ class OptimizerState:
 
 def to_global_keys(name: str, value: torch.Tensor, ep_rank: int, num_local_experts: int) -> dict[str, torch.Tensor]:
     """One local parameter as entries of the global key space (several for stacked experts)."""
-    first = ep_rank * num_local_experts
-    if (m := _STACKED.fullmatch(name)) is not None:
-        if value.shape[0] != num_local_experts:
-            raise ReshardError(f"{name} holds {value.shape[0]} experts, expected {num_local_experts}")
-        return {f"{m['head']}.{EXPERT_KEY_PREFIX}.{first + i}.{m['weight']}.weight": value[i]
-                for i in range(num_local_experts)}
-    if (m := _LISTED.fullmatch(name)) is not None:
-        return {f"{m['head']}.{first + int(m['id'])}.{m['rest']}": value}
-    return {name: value}
+    keys = global_keys(name, ep_rank, num_local_experts)
+    if parse_stacked(name) is None:
+        return {keys[0]: value}
+    if value.shape[0] != num_local_experts:
+        raise ReshardError(f"{name} holds {value.shape[0]} experts, expected {num_local_experts}")
+    return dict(zip(keys, value.unbind(0)))
 
 
 def from_global_keys(name: str, store: dict[str, torch.Tensor], ep_rank: int, num_local_experts: int) -> torch.Tensor:
     """The value of local parameter ``name`` on ``ep_rank``, assembled from global keys (inverse of the above)."""
-    first = ep_rank * num_local_experts
-    if (m := _STACKED.fullmatch(name)) is not None:
-        keys = [f"{m['head']}.{EXPERT_KEY_PREFIX}.{first + i}.{m['weight']}.weight" for i in range(num_local_experts)]
-    elif (m := _LISTED.fullmatch(name)) is not None:
-        keys = [f"{m['head']}.{first + int(m['id'])}.{m['rest']}"]
-    else:
-        keys = [name]
+    keys = global_keys(name, ep_rank, num_local_experts)
     missing = [key for key in keys if key not in store]
     if missing:
         raise ReshardError(f"the checkpoint's optimizer state has no entry for {missing[0]} (parameter {name}); "
                            f"it was saved from another model")
-    return torch.stack([store[key] for key in keys]) if _STACKED.fullmatch(name) else store[keys[0]]
+    return store[keys[0]] if parse_stacked(name) is None else torch.stack([store[key] for key in keys])
 
 
 # ---- reading a checkpoint ----
@@ -140,7 +127,7 @@ def _read_partitioned(files: list[Path], ranks: list[RankState], weights: dict[s
                     "exp_avg": group_states[g]["exp_avg"], "exp_avg_sq": group_states[g]["exp_avg_sq"]}
             steps.add(float(group_states[g]["step"]))
             for name, address in mapping.items():
-                expert = ".deepspeed_moe.experts." in name
+                expert = is_expert_parameter(name)
                 partition = coords.expert_dp_rank if expert else coords.rank
                 owner = coords.ep_rank if expert else 0
                 entry = fragments.setdefault((owner, name), {q: [] for q in QUANTITIES})

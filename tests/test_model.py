@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from recipe.config import config_from_dict
+from recipe.model.expert_keys import shard_experts
 from recipe.model.moe import MoE, SwiGLU
 from recipe.model.transformer import TransformerLM, apply_rotary, rotary_tables
 
@@ -49,12 +50,10 @@ def test_init_does_not_depend_on_expert_parallel_layout():
     for ep_rank in range(2):
         shard = TransformerLM(small(), ep_size=2)
         shard.init_weights(seed=5, ep_rank=ep_rank)
+        expected = shard_experts(full_state, ep_rank, num_local_experts=2)  # global ids -> this rank's local ids
+        assert shard.state_dict().keys() == expected.keys()
         for key, value in shard.state_dict().items():
-            if ".deepspeed_experts." in key:
-                head, tail = key.split(".deepspeed_experts.")
-                local, rest = tail.split(".", 1)
-                key = f"{head}.deepspeed_experts.{ep_rank * 2 + int(local)}.{rest}"
-            assert torch.equal(value, full_state[key]), key
+            assert torch.equal(value, expected[key]), key
 
 
 def test_init_scales_residual_projections_and_sets_norms():

@@ -11,6 +11,7 @@ import torch
 
 from conftest import launch, read_metrics, write_config, write_ds_config
 from recipe.config import ConfigError, config_from_dict
+from recipe.model.expert_keys import parse_stacked, stacked_keys
 from recipe.model.transformer import TransformerLM
 
 MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=320, max_seq_len=32, multiple_of=8,
@@ -29,10 +30,9 @@ def per_expert_grads(model: TransformerLM) -> dict[str, torch.Tensor]:
     """Parameter gradients under state-dict names (our stacked expert grads cut per expert)."""
     grads = {}
     for name, param in model.named_parameters():
-        head, leaf = name.rsplit(".", 1)
-        if head.endswith("deepspeed_moe.experts") and leaf in ("w1", "w2", "w3"):
-            for i in range(param.shape[0]):
-                grads[f"{head}.deepspeed_experts.{i}.{leaf}.weight"] = param.grad[i]
+        stacked = parse_stacked(name)
+        if stacked is not None:
+            grads.update(zip(stacked_keys(*stacked, range(param.shape[0])), param.grad.unbind(0)))
         else:
             grads[name] = param.grad
     return grads
@@ -68,12 +68,14 @@ def test_deepspeed_layer_computes_what_ours_computes(k, cf, drop, mode):
 def test_deepspeed_impl_model_shape():
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
-    from recipe.model.moe import MoE
+    from recipe.model.moe import DeepSpeedBaselineMoE, MoE
 
     ours, theirs = build("recipe"), build("deepspeed", moe_num_shared_experts=1)
     assert ours.reports_routing and not theirs.reports_routing
     assert len(theirs.moe_layers()) == 2
-    assert all(type(layer) is DeepSpeedMoE and not isinstance(layer, MoE) for layer in theirs.moe_layers())
+    for layer in theirs.moe_layers():  # DeepSpeed's layer itself (the engine's MoE), not ours
+        assert isinstance(layer, DeepSpeedBaselineMoE) and isinstance(layer, DeepSpeedMoE)
+        assert not isinstance(layer, MoE)
     out = theirs(torch.zeros(1, 8, dtype=torch.long))
     assert out.routing == [] and len(out.moe_layer_losses) == 2 and out.z_loss.item() == 0.0
     with pytest.raises(ValueError, match="token_mask"):

@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
 from ..config import RecipeConfig
-from .moe import MoE, RoutingStats, SwiGLU
-from .moe.experts import EXPERT_KEY_PREFIX
+from .expert_keys import local_to_global
+from .moe import DeepSpeedBaselineMoE, MoE, RoutingStats, SwiGLU
 
 
 @dataclass
@@ -75,20 +75,25 @@ class CausalSelfAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
 
-def deepspeed_moe_layer(config: RecipeConfig, ep_size: int) -> DeepSpeedMoE:
-    """``deepspeed.moe.layer.MoE`` with our SwiGLU expert and the config's routing (``model.moe_impl='deepspeed'``).
-
-    The benchmarking baseline: same parameter names as our layer (``deepspeed_moe.gate.wg.weight``,
-    ``deepspeed_moe.experts.deepspeed_experts.{i}.w1.weight`` ...), so ``init_weights`` gives both the
-    same weights and checkpoints, export and generation treat both alike. Settings DeepSpeed cannot
-    express are refused by ``recipe.config``.
-    """
+def moe_layer(config: RecipeConfig, ep_size: int) -> DeepSpeedMoE:
+    """The MoE layer of an FFN slot: ours, or DeepSpeed's as the benchmarking baseline
+    (``model.moe_impl='deepspeed'``; settings DeepSpeed cannot express are refused by ``recipe.config``).
+    Both have the same parameter names and the same ``forward(h, token_mask) -> MoEOutput``."""
     m = config.model
-    return DeepSpeedMoE(
-        m.hidden_size, SwiGLU(m.hidden_size, m.ffn_size), num_experts=m.num_experts, ep_size=ep_size, k=m.moe_gate_k,
-        capacity_factor=m.moe_capacity_factor, eval_capacity_factor=m.moe_eval_capacity_factor,
-        min_capacity=m.moe_min_capacity, noisy_gate_policy=m.moe_noisy_gate_policy, drop_tokens=m.moe_drop_tokens,
-        use_rts=m.moe_use_rts, top2_2nd_expert_sampling=m.moe_second_expert_policy == "sampling",
+    if m.moe_impl == "deepspeed":
+        return DeepSpeedBaselineMoE(
+            m.hidden_size, m.ffn_size, num_experts=m.num_experts, ep_size=ep_size, k=m.moe_gate_k,
+            capacity_factor=m.moe_capacity_factor, eval_capacity_factor=m.moe_eval_capacity_factor,
+            min_capacity=m.moe_min_capacity, noisy_gate_policy=m.moe_noisy_gate_policy, drop_tokens=m.moe_drop_tokens,
+            use_rts=m.moe_use_rts, top2_2nd_expert_sampling=m.moe_second_expert_policy == "sampling",
+        )
+    return MoE(
+        m.hidden_size, m.num_experts, k=m.moe_gate_k, capacity_factor=m.moe_capacity_factor,
+        eval_capacity_factor=m.moe_eval_capacity_factor, min_capacity=m.moe_min_capacity,
+        drop_tokens=m.moe_drop_tokens, ep_size=ep_size, intermediate_size=m.ffn_size, expert=m.moe_expert,
+        gate=m.moe_gate, noisy_gate_policy=m.moe_noisy_gate_policy, use_rts=m.moe_use_rts,
+        second_expert_policy=m.moe_second_expert_policy,
+        balance_over_data_parallel=m.moe_balance_over_data_parallel,
     )
 
 
@@ -101,17 +106,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(m.hidden_size, m.norm_eps)
         self.shared_mlp = None
         self.is_moe = use_moe
-        if use_moe and m.moe_impl == "deepspeed":
-            self.ffn = deepspeed_moe_layer(config, ep_size)
-        elif use_moe:
-            self.ffn = MoE(
-                m.hidden_size, m.num_experts, k=m.moe_gate_k, capacity_factor=m.moe_capacity_factor,
-                eval_capacity_factor=m.moe_eval_capacity_factor, min_capacity=m.moe_min_capacity,
-                drop_tokens=m.moe_drop_tokens, ep_size=ep_size, intermediate_size=m.ffn_size, expert=m.moe_expert,
-                gate=m.moe_gate, noisy_gate_policy=m.moe_noisy_gate_policy, use_rts=m.moe_use_rts,
-                second_expert_policy=m.moe_second_expert_policy,
-                balance_over_data_parallel=m.moe_balance_over_data_parallel,
-            )
+        if use_moe:
+            self.ffn = moe_layer(config, ep_size)
             if m.moe_num_shared_experts > 0:
                 # Kept outside the MoE module: DeepSpeed's expert checkpoint treats any key there with
                 # "expert" in its name as a routed expert.
@@ -122,17 +118,10 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, token_mask):
         x = x + self.attention(self.attention_norm(x), cos, sin)
         h = self.ffn_norm(x)
-        zero = x.new_zeros((), dtype=torch.float32)
-        if isinstance(self.ffn, MoE):
-            moe = self.ffn(h, token_mask)
-            out, l_aux, z_loss, stats = moe.output, moe.l_aux, moe.z_loss, moe.stats
-        elif self.is_moe:  # deepspeed.moe.layer.MoE: (output, l_aux, expert counts), no routing telemetry
-            if token_mask is not None:
-                raise ValueError("token_mask (padding) is not supported with model.moe_impl='deepspeed': "
-                                 "DeepSpeed's top-2 gate ignores it; use moe_impl='recipe'")
-            out, l_aux, _ = self.ffn(h)
-            l_aux, z_loss, stats = l_aux.float(), zero, None
+        if self.is_moe:
+            out, l_aux, z_loss, stats = self.ffn(h, token_mask)  # MoEOutput
         else:
+            zero = x.new_zeros((), dtype=torch.float32)
             out, l_aux, z_loss, stats = self.ffn(h), zero, zero, None
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(h)
@@ -175,11 +164,13 @@ class TransformerLM(nn.Module):
         """
         m = self.config.model
         residual_std = m.init_std / math.sqrt(2 * m.num_layers)
+        moe_layers = self.moe_layers()
+        num_local = moe_layers[0].num_local_experts if moe_layers else 1  # every layer has the same ep_size
         for name, tensor in self.state_dict(keep_vars=True).items():
             if name.endswith("norm.weight"):
                 tensor.fill_(1.0)
                 continue
-            global_name = _global_expert_name(name, ep_rank, self)
+            global_name = local_to_global(name, ep_rank, num_local)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
             std = residual_std if name.endswith(("wo.weight", "w2.weight")) else m.init_std
             tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
@@ -212,13 +203,3 @@ class TransformerLM(nn.Module):
         return LMOutput(logits=logits, lm_loss=lm_loss, moe_loss=moe_loss, z_loss=z_loss, routing=routing,
                         moe_layer_losses=layer_losses)
 
-
-def _global_expert_name(name: str, ep_rank: int, model: TransformerLM) -> str:
-    """``...deepspeed_experts.{local}.w1.weight`` -> the same key with the global expert id."""
-    marker = f".{EXPERT_KEY_PREFIX}."
-    if marker not in name:
-        return name
-    head, tail = name.split(marker, 1)
-    local_id, rest = tail.split(".", 1)
-    num_local = model.get_submodule(head.rsplit(".deepspeed_moe", 1)[0]).num_local_experts
-    return f"{head}{marker}{ep_rank * num_local + int(local_id)}.{rest}"

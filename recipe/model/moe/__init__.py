@@ -1,4 +1,5 @@
 """MoE building blocks: gating (pure math), experts, dispatch (the only communication), the layer."""
+from .deepspeed_baseline import DeepSpeedBaselineMoE
 from .dispatch import AllToAllDispatcher, LocalDispatcher
 from .experts import (ModuleListExperts, SwiGLU, SwiGLUExperts, build_experts, ffn_intermediate_size,
                       register_expert, registered_experts)
@@ -7,7 +8,8 @@ from .gating import (GateOutput, assign_capacity, expert_capacity, get_gate, loa
 from .layer import MoE, MoEOutput, RoutingStats
 
 __all__ = [
-    "AllToAllDispatcher", "LocalDispatcher", "ModuleListExperts", "SwiGLU", "SwiGLUExperts", "build_experts",
+    "AllToAllDispatcher", "DeepSpeedBaselineMoE", "LocalDispatcher", "ModuleListExperts", "SwiGLU", "SwiGLUExperts",
+    "build_experts",
     "ffn_intermediate_size", "register_expert", "registered_experts", "GateOutput", "assign_capacity",
     "expert_capacity", "get_gate", "load_balancing_loss", "register_gate", "router_statistics", "top_k_gating",
     "MoE", "MoEOutput", "RoutingStats",

@@ -8,8 +8,8 @@ scatters the results back; a group may instead implement ``forward_indexed`` to 
 (``SwiGLUExperts`` does, so no permuted copy of the tokens is materialised).
 
 Checkpoint layout: whatever the in-memory storage, a group's state dict presents one entry per
-expert under ``deepspeed_experts.{i}.<name>``, the names the DeepSpeed engine cuts into one file
-per expert (``layer_{L}_expert_{E}_mp_rank_00_model_states.pt``).
+expert under the per-expert keys of ``recipe.model.expert_keys``, the names the DeepSpeed engine cuts
+into one file per expert (``layer_{L}_expert_{E}_mp_rank_00_model_states.pt``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-EXPERT_KEY_PREFIX = "deepspeed_experts"
+from ..expert_keys import EXPERT_LIST_NAME, STACKED_WEIGHTS, parse_expert_key, stacked_keys
 
 # name -> factory(hidden_size, intermediate_size) returning ONE expert module mapping (n, M) -> (n, M).
 _EXPERT_REGISTRY: Dict[str, Callable[[int, int], nn.Module]] = {}
@@ -76,11 +76,17 @@ class ModuleListExperts(nn.Module):
                  intermediate_size: int):
         super().__init__()
         self.num_local_experts = num_local_experts
-        self.deepspeed_experts = nn.ModuleList(factory(hidden_size, intermediate_size) for _ in range(num_local_experts))
+        # Registered under expert_keys' list name: DeepSpeed's per-expert checkpoint cut matches it.
+        setattr(self, EXPERT_LIST_NAME,
+                nn.ModuleList(factory(hidden_size, intermediate_size) for _ in range(num_local_experts)))
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return getattr(self, EXPERT_LIST_NAME)
 
     def forward(self, x_NM: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         blocks = torch.split(x_NM, tokens_per_expert.tolist())
-        return torch.cat([expert(block) for expert, block in zip(self.deepspeed_experts, blocks)], dim=0)
+        return torch.cat([expert(block) for expert, block in zip(self.local_experts, blocks)], dim=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,8 +235,9 @@ class SwiGLUExperts(nn.Module):
     fused per-expert loop (``_SwiGLUBlocks``) that keeps fewer activations. ``use_grouped_mm=None``
     picks per device (``prefer_grouped_mm``: the loop on CPU, grouped GEMM where it works elsewhere);
     True/False forces a path.
-    The state dict shows per-expert keys ``deepspeed_experts.{i}.w1.weight`` etc., the same keys a
-    ``ModuleListExperts`` of ``SwiGLU`` has, so checkpoints move freely between the two.
+    The state dict shows the per-expert keys of ``recipe.model.expert_keys`` (slice i of ``w1`` as expert i's
+    ``w1.weight``), the same keys a ``ModuleListExperts`` of ``SwiGLU`` has, so checkpoints move freely
+    between the two.
     """
 
     def __init__(self, num_local_experts: int, hidden_size: int, intermediate_size: int,
@@ -310,22 +317,19 @@ def run_experts_indexed(experts: nn.Module, x_SM: torch.Tensor, tokens_per_exper
     return _gather_run_combine(experts, x_SM, tokens_per_expert, index_N, weight_N)
 
 
-_STACKED_NAMES = ("w1", "w2", "w3")
-
-
 def _unstack_expert_state(module: SwiGLUExperts, state_dict, prefix, local_metadata) -> None:
-    """State-dict post hook: replace ``w1`` (E, F, M) by ``deepspeed_experts.{i}.w1.weight`` (F, M) entries."""
-    for name in _STACKED_NAMES:
+    """State-dict post hook: replace each stacked weight (E, ...) by its per-expert keys, one slice each."""
+    for name in STACKED_WEIGHTS:
         stacked = state_dict.pop(prefix + name)
-        for i in range(module.num_local_experts):
-            state_dict[f"{prefix}{EXPERT_KEY_PREFIX}.{i}.{name}.weight"] = stacked[i]
+        for i, key in enumerate(stacked_keys(prefix, name, range(module.num_local_experts))):
+            state_dict[key] = stacked[i]
 
 
 def _stack_expert_state(module: SwiGLUExperts, state_dict, prefix, local_metadata, strict, missing_keys,
                         unexpected_keys, error_msgs) -> None:
     """Load pre hook: the inverse of ``_unstack_expert_state``; stacked keys are accepted as they are."""
-    for name in _STACKED_NAMES:
-        keys = [f"{prefix}{EXPERT_KEY_PREFIX}.{i}.{name}.weight" for i in range(module.num_local_experts)]
+    for name in STACKED_WEIGHTS:
+        keys = stacked_keys(prefix, name, range(module.num_local_experts))
         present = [key for key in keys if key in state_dict]
         if not present:
             continue  # stacked key given directly, or missing: load_state_dict reports it
@@ -335,7 +339,7 @@ def _stack_expert_state(module: SwiGLUExperts, state_dict, prefix, local_metadat
             continue
         state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
     # Experts beyond the local count mean the checkpoint was saved with more local experts.
-    extra = [key for key in state_dict if key.startswith(f"{prefix}{EXPERT_KEY_PREFIX}.")]
+    extra = [key for key in state_dict if (parsed := parse_expert_key(key)) is not None and parsed.group == prefix]
     if extra:
         error_msgs.append(
             f"checkpoint has expert entries this layer does not hold ({extra[0]} ...): it was saved with "
