@@ -23,10 +23,18 @@ import runpy
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-MODEL_TYPES = {"INTERNLM_MoE": True, "INTERNLM": False}  # name -> has MoE layers
-MOE_IMPLS = ("recipe", "deepspeed")
+# The string options: each Literal is the one list of allowed values, checked when a config loads
+# (``_check_value``). They live here, not in model/moe/gating.py, so loading a config imports no torch.
+ModelType = Literal["INTERNLM_MoE", "INTERNLM"]  # with MoE layers; dense
+NoisyGatePolicy = Literal[None, "Jitter", "RSample"]
+SecondExpertPolicy = Literal["argmax", "sampling"]
+# Which layer fills the MoE FFN slots: "recipe" (ours, recipe.model.moe.MoE) or "deepspeed"
+# (deepspeed.moe.layer.MoE with our SwiGLU expert), the baseline of the end-to-end benchmark
+# (bench/e2e_bench.py). "deepspeed" reports no routing telemetry (no expert-load heatmaps).
+MoEImpl = Literal["recipe", "deepspeed"]
+WandbMode = Literal["offline", "online", "disabled"]  # "offline" needs no account or network
 
 
 class ConfigError(ValueError):
@@ -56,17 +64,15 @@ class ModelConfig:
     moe_eval_capacity_factor: float = 2.0
     moe_min_capacity: int = 4
     moe_drop_tokens: bool = True
-    moe_noisy_gate_policy: Optional[str] = None
+    moe_noisy_gate_policy: NoisyGatePolicy = None
     moe_use_rts: bool = False
-    moe_second_expert_policy: str = "argmax"
+    moe_second_expert_policy: SecondExpertPolicy = "argmax"
     moe_num_shared_experts: int = 0  # dense SwiGLU experts every token goes through, beside the routed ones
+    # Registry names, open to user registrations, so not Literals: checked when the layer is built.
     moe_expert: str = "swiglu"
     moe_gate: str = "gshard"
     moe_balance_over_data_parallel: bool = True
-    # Which layer fills the MoE FFN slots: "recipe" (ours, recipe.model.moe.MoE) or "deepspeed"
-    # (deepspeed.moe.layer.MoE with our SwiGLU expert), the baseline of the end-to-end benchmark
-    # (bench/e2e_bench.py). "deepspeed" reports no routing telemetry (no expert-load heatmaps).
-    moe_impl: str = "recipe"
+    moe_impl: MoEImpl = "recipe"
 
     @property
     def head_dim(self) -> int:
@@ -104,13 +110,13 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = False
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before stopping
-    wandb: str = "offline"  # "offline" (no account or network needed), "online" or "disabled"
+    wandb: WandbMode = "offline"
     wandb_project: str = "moe-recipe"
 
 
 @dataclass
 class RecipeConfig:
-    model_type: str = "INTERNLM_MoE"
+    model_type: ModelType = "INTERNLM_MoE"
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,7 +125,7 @@ class RecipeConfig:
 
     @property
     def is_moe(self) -> bool:
-        return MODEL_TYPES[self.model_type]
+        return self.model_type == "INTERNLM_MoE"
 
     def moe_layer_ids(self) -> list[int]:
         """Blocks whose FFN is an MoE layer (the last block always is, when the model is MoE)."""
@@ -133,6 +139,30 @@ class RecipeConfig:
 
 
 SECTIONS = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _literal_choices(annotation: Any) -> Optional[tuple]:
+    """The allowed values of a ``Literal`` annotation; None for any other annotation."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
+def _choices_text(choices: tuple) -> str:
+    """``(None, "Jitter", "RSample")`` -> ``"None, 'Jitter' or 'RSample'"``."""
+    words = [repr(choice) for choice in choices]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _did_you_mean(value: Any, choices: tuple) -> str:
+    """``"; did you mean 'RSample'?"`` for a string close to one of ``choices``, else ``""``."""
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _is_choice(value: Any, choices: tuple) -> bool:
+    # Compared with the type too, so that neither 1 nor True passes for a string option.
+    return any(value is choice or (type(value) is type(choice) and value == choice) for choice in choices)
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -154,6 +184,17 @@ def _type_name(annotation: Any) -> str:
     return "None" if annotation is type(None) else annotation.__name__
 
 
+def _check_value(where: str, value: Any, annotation: Any) -> None:
+    """ConfigError unless ``value`` fits ``annotation``: one of a Literal's values, or of the right type."""
+    choices = _literal_choices(annotation)
+    if choices is not None:
+        if not _is_choice(value, choices):
+            hint = _did_you_mean(value, choices)
+            raise ConfigError(f"`{where}` must be {_choices_text(choices)}, got {value!r}{hint}")
+    elif not _type_ok(value, annotation):
+        raise ConfigError(f"`{where}` must be {_type_name(annotation)}, got {value!r} ({type(value).__name__})")
+
+
 def _build_section(cls, values: dict, section: str):
     if not isinstance(values, dict):
         raise ConfigError(f"`{section}` must be a dict, got {type(values).__name__}; write {section} = dict(...)")
@@ -164,10 +205,7 @@ def _build_section(cls, values: dict, section: str):
             close = difflib.get_close_matches(key, list(hints), n=1)
             hint = f"; did you mean `{section}.{close[0]}`?" if close else f"; known keys: {', '.join(sorted(hints))}"
             raise ConfigError(f"unknown key `{section}.{key}`{hint}")
-        if not _type_ok(value, hints[key]):
-            raise ConfigError(
-                f"`{section}.{key}` must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})"
-            )
+        _check_value(f"{section}.{key}", value, hints[key])
         kwargs[key] = float(value) if hints[key] is float else value
     return cls(**kwargs)
 
@@ -219,8 +257,10 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: s
         section, key, value = parse_override(text)
         raw.setdefault(section, {})[key] = value
     model_type = raw.get("model_type", "INTERNLM_MoE")
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {model_type!r}")
+    model_types = typing.get_args(ModelType)
+    if not _is_choice(model_type, model_types):
+        raise ConfigError(f"model_type must be one of {sorted(model_types)}, got {model_type!r}"
+                          f"{_did_you_mean(model_type, model_types)}")
     sections = {name: _build_section(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
     config = RecipeConfig(model_type=model_type, source=source, **sections)
     validate(config)
@@ -233,7 +273,9 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate(config: RecipeConfig) -> None:
-    """Value checks that need no launch information (world size and EP: ``recipe.ds_config``)."""
+    """Value checks that need no launch information (world size and EP: ``recipe.ds_config``).
+
+    Types and the string options' allowed values were checked when the sections were built."""
     m, t, d = config.model, config.train, config.data
     for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len", "multiple_of"):
         _require(getattr(m, name) > 0, f"`model.{name}` must be > 0, got {getattr(m, name)}")
@@ -259,17 +301,10 @@ def validate(config: RecipeConfig) -> None:
         _require(m.moe_min_capacity >= 0, f"`model.moe_min_capacity` must be >= 0, got {m.moe_min_capacity}")
         _require(m.moe_layer_freq >= 1, f"`model.moe_layer_freq` must be >= 1, got {m.moe_layer_freq}")
         _require(m.moe_num_shared_experts >= 0, "`model.moe_num_shared_experts` must be >= 0")
-        _require(m.moe_noisy_gate_policy in (None, "Jitter", "RSample"),
-                 f"`model.moe_noisy_gate_policy` must be None, 'Jitter' or 'RSample', got {m.moe_noisy_gate_policy!r}")
-        _require(m.moe_second_expert_policy in ("argmax", "sampling"),
-                 f"`model.moe_second_expert_policy` must be 'argmax' or 'sampling', got {m.moe_second_expert_policy!r}")
-        _require(m.moe_impl in MOE_IMPLS, f"`model.moe_impl` must be one of {MOE_IMPLS}, got {m.moe_impl!r}")
         if m.moe_impl == "deepspeed":
             _validate_deepspeed_moe(config)
     for name in ("moe_loss_coeff", "router_z_loss_coeff"):
         _require(getattr(config.loss, name) >= 0, f"`loss.{name}` must be >= 0")
-    _require(t.wandb in ("offline", "online", "disabled"),
-             f"`train.wandb` must be 'offline', 'online' or 'disabled', got {t.wandb!r}")
     for name in ("steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps"):
         _require(getattr(t, name) > 0, f"`train.{name}` must be > 0, got {getattr(t, name)}")
 

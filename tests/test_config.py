@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 
 from conftest import ROOT, write_config, write_ds_config
-from recipe.config import ConfigError, config_from_dict, load_config, parameter_counts, parse_override
+from recipe.config import SECTIONS, ConfigError, config_from_dict, load_config, parameter_counts, parse_override
 from recipe.ds_config import read_ds_config, resolve_ds_config
 from recipe.model.transformer import TransformerLM
 from recipe.train import main as train_main
@@ -232,3 +233,31 @@ def test_a_config_saved_before_newer_keys_still_loads():
     current = config_from_dict({"model": {"num_experts": 4}}).to_dict()
     older = {**current, "model": {k: v for k, v in current["model"].items() if k != "moe_impl"}}
     assert config_from_saved(older).to_dict() == current
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"model": {"moe_noisy_gate_policy": "rsample"}},
+     "`model.moe_noisy_gate_policy` must be None, 'Jitter' or 'RSample', got 'rsample'; did you mean 'RSample'?"),
+    ({"model": {"moe_second_expert_policy": "sample"}},
+     "`model.moe_second_expert_policy` must be 'argmax' or 'sampling', got 'sample'; did you mean 'sampling'?"),
+    ({"model": {"moe_impl": "DeepSpeed"}}, "`model.moe_impl` must be 'recipe' or 'deepspeed', got 'DeepSpeed'"),
+    ({"train": {"wandb": "Offline"}}, "`train.wandb` must be 'offline', 'online' or 'disabled', got 'Offline'"),
+    ({"train": {"wandb": True}}, "`train.wandb` must be 'offline', 'online' or 'disabled', got True"),
+    ({"model_type": "INTERNLM_MOE"}, "got 'INTERNLM_MOE'; did you mean 'INTERNLM_MoE'?"),
+    # String options are checked whatever the model type, not only where they take effect.
+    ({"model_type": "INTERNLM", "model": {"moe_second_expert_policy": "top2"}}, "must be 'argmax' or 'sampling'"),
+])
+def test_string_options_refused_with_their_allowed_values(raw, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("section,key", [("model", "moe_noisy_gate_policy"), ("model", "moe_second_expert_policy"),
+                                         ("model", "moe_impl"), ("train", "wandb")])
+def test_every_value_of_a_string_options_literal_loads(section, key):
+    """The Literal annotation is the one list of allowed values: each of them loads."""
+    for value in typing.get_args(typing.get_type_hints(SECTIONS[section])[key]):
+        raw = {"model": {"moe_balance_over_data_parallel": value != "deepspeed"}}  # DeepSpeed's layer: per rank
+        raw.setdefault(section, {})[key] = value
+        assert getattr(getattr(config_from_dict(raw), section), key) == value
