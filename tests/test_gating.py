@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from recipe.model.moe import assign_capacity, expert_capacity, top_k_gating
+from recipe.model.moe import assign_capacity, expert_capacity, get_gate, top_k_gating
 
 
 def reference_gating(logits, k, capacity_factor, min_capacity, drop_tokens, mask=None):
@@ -229,3 +229,26 @@ def test_assign_capacity_counts():
     assert kept.tolist() == [[True, True], [True, True], [False, False], [True, False]]
     assert per_expert.tolist() == [2, 2, 1] and capacity == 2
     assert sorted_pairs.tolist() == [0, 2, 6, 1, 3]
+
+
+def test_layer_path_is_the_same_math_without_checks_or_l_aux():
+    """``get_gate("gshard")``, the MoE layer's per-forward path, gives top_k_gating's results bit for bit and
+    leaves l_aux to the layer; it does not re-check the options."""
+    gshard = get_gate("gshard")
+    logits = torch.randn(40, 6)
+    mask = torch.rand(40) > 0.2
+    for k, kwargs in ((1, dict(noisy_gate_policy="RSample", use_rts=True)), (2, dict(second_expert_policy="sampling"))):
+        torch.manual_seed(0)
+        checked = top_k_gating(logits, k, capacity_factor=0.8, token_mask=mask, **kwargs)
+        torch.manual_seed(0)
+        unchecked = gshard(logits, k, capacity_factor=0.8, token_mask=mask, **kwargs)
+        assert unchecked.l_aux is None and checked.l_aux is not None
+        for name in ("expert_index", "combine_weight", "kept", "tokens_per_expert", "sorted_pairs", "z_loss",
+                     "gate_prob_mean", "first_choice_count", "router_entropy"):
+            assert torch.equal(getattr(checked, name), getattr(unchecked, name)), name
+        assert (checked.capacity, checked.num_tokens) == (unchecked.capacity, unchecked.num_tokens)
+
+
+def test_token_mask_of_the_wrong_shape_rejected():
+    with pytest.raises(ValueError, match=r"token_mask must have shape \(8,\)"):
+        top_k_gating(torch.randn(8, 4), 1, token_mask=torch.ones(1, dtype=torch.bool))

@@ -7,6 +7,7 @@ from torch import nn
 
 from recipe.model.moe import (MoE, ModuleListExperts, SwiGLU, SwiGLUExperts, register_expert, register_gate,
                               top_k_gating)
+from recipe.model.moe import gating, layer
 from recipe.model.moe.experts import run_experts_indexed
 
 
@@ -283,3 +284,55 @@ def test_unknown_registry_names_rejected():
         MoE(16, 6, ep_size=4)
     with pytest.raises(ValueError, match="capacity_factor"):
         MoE(16, 4, capacity_factor=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(noisy_gate_policy="jitter"), "noisy_gate_policy"),
+    (dict(k=2, second_expert_policy="random"), "second_expert_policy"),
+    (dict(min_capacity=-1), "min_capacity"),
+    (dict(eval_capacity_factor=0.0), "eval_capacity_factor"),
+])
+def test_bad_options_rejected_when_the_layer_is_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoE(16, 4, **kwargs)
+
+
+def _fail_if_called(*args, **kwargs):
+    raise AssertionError("forward re-validated the gating options")
+
+
+def test_forward_does_not_recheck_the_options(monkeypatch):
+    """Options are checked once, at construction: forward must not go through the argument checks."""
+    moe = MoE(16, 4, k=2, intermediate_size=32, noisy_gate_policy="RSample", second_expert_policy="sampling")
+    for module in (gating, layer):
+        monkeypatch.setattr(module, "check_gating_options", _fail_if_called)
+    monkeypatch.setattr(gating, "check_gating_inputs", _fail_if_called)
+    out = moe(torch.randn(2, 5, 16))
+    assert out.output.shape == (2, 5, 16)
+    with pytest.raises(ValueError, match=r"token_mask must have shape \(10,\)"):  # inputs still are checked
+        moe(torch.randn(2, 5, 16), token_mask=torch.ones(1, dtype=torch.bool))
+
+
+@register_gate("constant_l_aux_test")
+def constant_l_aux(logits, k, **kwargs):
+    """A user gate that sets its own balancing loss."""
+    out = top_k_gating(logits, k, **kwargs)
+    out.l_aux = torch.tensor(3.0)
+    return out
+
+
+@pytest.mark.parametrize("balance_over_data_parallel", [False, True])
+def test_layer_l_aux_equals_the_gates_and_a_user_gates_own_is_kept_per_rank(balance_over_data_parallel):
+    """The layer computes l_aux once: the value top_k_gating reports (one rank: the data-parallel sum is this
+    rank's), and per rank a user gate's own GateOutput.l_aux is the layer's."""
+    torch.manual_seed(7)
+    moe = MoE(16, 4, k=2, intermediate_size=32, balance_over_data_parallel=balance_over_data_parallel)
+    x = torch.randn(24, 16)
+    ref = top_k_gating(moe.deepspeed_moe.gate(x), 2, capacity_factor=moe.capacity_factor,
+                       min_capacity=moe.min_capacity)
+    torch.testing.assert_close(moe(x).l_aux, ref.l_aux, rtol=0, atol=1e-7)
+    custom = MoE(16, 4, k=2, intermediate_size=32, gate="constant_l_aux_test",
+                 balance_over_data_parallel=balance_over_data_parallel)
+    custom.load_state_dict(moe.state_dict())
+    expected = torch.tensor(3.0) if not balance_over_data_parallel else ref.l_aux
+    torch.testing.assert_close(custom(x).l_aux, expected, rtol=0, atol=1e-7)

@@ -19,18 +19,25 @@ Semantics (GShard, as DeepSpeed and InternEvo implement it):
 * balancing loss: ``me_e`` = mean gate probability of expert e, ``ce_e`` = fraction of tokens whose
   first choice is e (before dropping); ``l_aux = E · Σ_e me_e·ce_e`` (1 at perfect balance).
 * router z-loss (ST-MoE): ``mean_s logsumexp(logits_s)²``, returned unweighted.
+
+Two entry points to the same math: ``top_k_gating`` checks its arguments (for direct calls and for
+user gates built on it); ``gshard_gating``, registered as ``"gshard"``, is what the MoE layer calls
+every forward: it checks nothing, the layer checked its options once when it was built, and leaves
+``l_aux`` to the layer, which computes it once (per rank or over the data-parallel group).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 
-NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
-SECOND_EXPERT_POLICIES = ("argmax", "sampling")
+from ...config import NoisyGatePolicy, SecondExpertPolicy
+
+NOISY_GATE_POLICIES = get_args(NoisyGatePolicy)  # (None, "Jitter", "RSample")
+SECOND_EXPERT_POLICIES = get_args(SecondExpertPolicy)  # ("argmax", "sampling")
 
 
 @dataclass
@@ -43,7 +50,9 @@ class GateOutput:
     capacity: int  # per-expert capacity used for this call
     tokens_per_expert: torch.Tensor  # (E,) long: kept pairs per expert
     sorted_pairs: torch.Tensor  # (n_kept,) long: flat ids s·k+j of kept pairs, grouped by expert in order
-    l_aux: torch.Tensor  # () fp32: GShard balancing loss over this group's tokens
+    # () fp32: GShard balancing loss over this group's tokens (``local_balancing_loss``); None from
+    # ``gshard_gating``, whose caller, the layer, computes it (per rank or over the data-parallel group)
+    l_aux: Optional[torch.Tensor]
     z_loss: torch.Tensor  # () fp32: router z-loss, unweighted
     gate_prob_mean: torch.Tensor  # (E,) fp32: me, mean softmax probability per expert
     first_choice_count: torch.Tensor  # (E,) fp32: tokens whose first choice is e (ce·S), before dropping
@@ -73,6 +82,12 @@ def load_balancing_loss(gate_prob_mean: torch.Tensor, first_choice_fraction: tor
     """
     num_experts = gate_prob_mean.numel()
     return num_experts * torch.sum(gate_prob_mean * first_choice_fraction.detach())
+
+
+def local_balancing_loss(gate_prob_mean: torch.Tensor, first_choice_count: torch.Tensor,
+                         num_tokens: int) -> torch.Tensor:
+    """``load_balancing_loss`` over one group's tokens: ce = first-choice count / routed tokens."""
+    return load_balancing_loss(gate_prob_mean, first_choice_count / max(num_tokens, 1))
 
 
 def gumbel_like(x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +120,10 @@ def assign_capacity(
     device = expert_index.device
     num_pairs = num_tokens * k
     # Pair ids in priority order: column-major over (S, k), so choice j=0 for every token comes first.
-    token_order = torch.randperm(num_tokens, device=device) if random_priority else torch.arange(num_tokens, device=device)
+    if random_priority:
+        token_order = torch.randperm(num_tokens, device=device)
+    else:
+        token_order = torch.arange(num_tokens, device=device)
     priority = (token_order.unsqueeze(0) * k + torch.arange(k, device=device).unsqueeze(1)).reshape(-1)  # (N,)
     expert_of_pair = expert_index
     if token_mask is not None:
@@ -137,13 +155,15 @@ def top_k_gating(
     capacity_factor: float = 1.0,
     min_capacity: int = 4,
     drop_tokens: bool = True,
-    noisy_gate_policy: Optional[str] = None,
+    noisy_gate_policy: NoisyGatePolicy = None,
     use_rts: bool = False,
-    second_expert_policy: str = "argmax",
+    second_expert_policy: SecondExpertPolicy = "argmax",
     training: bool = True,
     token_mask: Optional[torch.Tensor] = None,
 ) -> GateOutput:
     """GShard top-k gating (k in {1, 2}) for one group of tokens; see the module docstring.
+
+    Checks its arguments (ValueError), then routes with ``gshard_gating`` and adds ``l_aux``.
 
     Args:
         logits: (S, E) router logits, any float dtype (computed on in fp32).
@@ -158,54 +178,87 @@ def top_k_gating(
         training: noise is only applied while training.
         token_mask: (S,) bool; False marks tokens (padding) that are neither routed nor counted in l_aux.
     """
-    validate_gating_args(logits, k, capacity_factor, min_capacity, noisy_gate_policy, second_expert_policy)
-    if token_mask is not None and token_mask.shape != logits.shape[:1]:
-        raise ValueError(f"token_mask must have shape ({logits.shape[0]},), got {tuple(token_mask.shape)}")
+    check_gating_inputs(logits, token_mask)
+    check_gating_options(k, logits.shape[1], capacity_factor, min_capacity, noisy_gate_policy, second_expert_policy)
+    out = gshard_gating(logits, k, capacity_factor, min_capacity, drop_tokens, noisy_gate_policy, use_rts,
+                        second_expert_policy, training, token_mask)
+    out.l_aux = local_balancing_loss(out.gate_prob_mean, out.first_choice_count, out.num_tokens)
+    return out
 
+
+def gshard_gating(
+    logits: torch.Tensor,
+    k: int,
+    capacity_factor: float = 1.0,
+    min_capacity: int = 4,
+    drop_tokens: bool = True,
+    noisy_gate_policy: NoisyGatePolicy = None,
+    use_rts: bool = False,
+    second_expert_policy: SecondExpertPolicy = "argmax",
+    training: bool = True,
+    token_mask: Optional[torch.Tensor] = None,
+) -> GateOutput:
+    """``top_k_gating`` without argument checks and with ``l_aux=None``: the MoE layer's per-forward path.
+
+    The arguments must already be valid (the layer checks them when it is built; a bad k or policy
+    here would route wrongly, not fail).
+    """
     logits = logits.float()
     gates = F.softmax(logits, dim=-1)  # (S, E)
-
-    choice_logits = logits
-    if training and noisy_gate_policy == "RSample":
-        choice_logits = logits + gumbel_like(logits)
-    first = choice_logits.argmax(dim=-1)  # (S,)
-    if k == 2:
-        second_logits = logits + gumbel_like(logits) if training and second_expert_policy == "sampling" else logits
-        second_logits = second_logits.scatter(1, first.unsqueeze(1), float("-inf"))  # rule out the first
-        expert_index = torch.stack([first, second_logits.argmax(dim=-1)], dim=1)  # (S, 2)
-    else:
-        expert_index = first.unsqueeze(1)  # (S, 1)
+    expert_index = choose_experts(logits, k, noisy_gate_policy, second_expert_policy, training)  # (S, k)
 
     num_tokens = logits.shape[0] if token_mask is None else int(token_mask.sum())
-    capacity = (
-        expert_capacity(num_tokens, logits.shape[1], k, capacity_factor, min_capacity) if drop_tokens else None
-    )
+    num_experts = logits.shape[1]
+    capacity = expert_capacity(num_tokens, num_experts, k, capacity_factor, min_capacity) if drop_tokens else None
     kept, sorted_pairs, tokens_per_expert, capacity = assign_capacity(
-        expert_index, logits.shape[1], capacity, token_mask, random_priority=use_rts
+        expert_index, num_experts, capacity, token_mask, random_priority=use_rts
     )
-
-    chosen_gates = gates.gather(1, expert_index) * kept  # (S, k), 0 where dropped
-    if k == 1:
-        combine_weight = chosen_gates
-    else:
-        combine_weight = chosen_gates / chosen_gates.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
-
-    gate_prob_mean, first_choice_count, z_loss, entropy = router_statistics(logits, gates, first, token_mask, num_tokens)
-    l_aux = load_balancing_loss(gate_prob_mean, first_choice_count / max(num_tokens, 1))
+    gate_prob_mean, first_choice_count, z_loss, entropy = router_statistics(
+        logits, gates, expert_index[:, 0], token_mask, num_tokens
+    )
     return GateOutput(
         expert_index=expert_index,
-        combine_weight=combine_weight,
+        combine_weight=combine_weights(gates, expert_index, kept),
         kept=kept,
         capacity=capacity,
         tokens_per_expert=tokens_per_expert,
         sorted_pairs=sorted_pairs,
-        l_aux=l_aux,
+        l_aux=None,
         z_loss=z_loss,
         gate_prob_mean=gate_prob_mean,
         first_choice_count=first_choice_count,
         router_entropy=entropy,
         num_tokens=num_tokens,
     )
+
+
+def choose_experts(
+    logits: torch.Tensor,
+    k: int,
+    noisy_gate_policy: NoisyGatePolicy,
+    second_expert_policy: SecondExpertPolicy,
+    training: bool,
+) -> torch.Tensor:
+    """(S, k) long: the first expert (argmax, with Gumbel noise under RSample while training), then for
+    k=2 the argmax of the others (with Gumbel noise under "sampling" while training)."""
+    choice_logits = logits
+    if training and noisy_gate_policy == "RSample":
+        choice_logits = logits + gumbel_like(logits)
+    first = choice_logits.argmax(dim=-1)  # (S,)
+    if k == 1:
+        return first.unsqueeze(1)
+    second_logits = logits + gumbel_like(logits) if training and second_expert_policy == "sampling" else logits
+    second_logits = second_logits.scatter(1, first.unsqueeze(1), float("-inf"))  # rule out the first
+    return torch.stack([first, second_logits.argmax(dim=-1)], dim=1)
+
+
+def combine_weights(gates: torch.Tensor, expert_index: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """(S, k) output weight of each choice, 0 where dropped: the raw probability for top-1,
+    renormalised over the surviving choices for top-2 (a lone survivor gets 1)."""
+    chosen_gates = gates.gather(1, expert_index) * kept
+    if expert_index.shape[1] == 1:
+        return chosen_gates
+    return chosen_gates / chosen_gates.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
 
 
 def router_statistics(
@@ -235,19 +288,31 @@ def router_statistics(
     return gate_prob_mean, first_choice_count, z_loss, entropy
 
 
-def validate_gating_args(
-    logits: torch.Tensor,
-    k: int,
-    capacity_factor: float,
-    min_capacity: int,
-    noisy_gate_policy: Optional[str],
-    second_expert_policy: str,
-) -> None:
+def check_gating_inputs(logits: torch.Tensor, token_mask: Optional[torch.Tensor]) -> None:
+    """ValueError for tensors ``top_k_gating`` cannot route (the layer's router never makes these)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be (tokens, experts), got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
-    num_experts = logits.shape[1]
+    check_token_mask(token_mask, logits.shape[0])
+
+
+def check_token_mask(token_mask: Optional[torch.Tensor], num_tokens: int) -> None:
+    """ValueError unless ``token_mask`` is None or of shape (num_tokens,): a mask of one element would
+    otherwise broadcast over every token."""
+    if token_mask is not None and token_mask.shape != (num_tokens,):
+        raise ValueError(f"token_mask must have shape ({num_tokens},), got {tuple(token_mask.shape)}")
+
+
+def check_gating_options(
+    k: int,
+    num_experts: int,
+    capacity_factor: float,
+    min_capacity: int,
+    noisy_gate_policy: NoisyGatePolicy,
+    second_expert_policy: SecondExpertPolicy,
+) -> None:
+    """ValueError for a gating option out of range; they are fixed per layer, so the layer checks them once."""
     if k not in (1, 2):
         raise ValueError(f"k (moe_gate_k) must be 1 or 2 for GShard gating, got {k}")
     if k > num_experts:
@@ -267,14 +332,18 @@ def validate_gating_args(
 GateFunction = Callable[..., GateOutput]
 
 # name -> gating function with top_k_gating's signature; selectable as ``model.moe_gate = name``.
-_GATE_REGISTRY: Dict[str, GateFunction] = {"gshard": top_k_gating}
+# The layer calls it every forward with options it checked once, so "gshard" is the unchecked path.
+_GATE_REGISTRY: Dict[str, GateFunction] = {"gshard": gshard_gating}
 
 
 def register_gate(name: str):
     """Decorator: make a gating function selectable from the config as ``model.moe_gate = name``.
 
-    The function takes ``top_k_gating``'s arguments and returns a ``GateOutput``; choose experts your
-    own way and let ``assign_capacity`` and ``router_statistics`` fill in the capacity bookkeeping.
+    The function takes ``top_k_gating``'s arguments and returns a ``GateOutput``: start from
+    ``top_k_gating`` and change its result, or choose experts your own way and let ``assign_capacity``
+    and ``router_statistics`` fill in the capacity bookkeeping. A ``GateOutput.l_aux`` you set is the
+    layer's balancing loss when it balances per rank; over the data-parallel group (the default) the
+    layer computes it from ``gate_prob_mean``, ``first_choice_count`` and ``num_tokens``.
     """
 
     def decorator(fn: GateFunction) -> GateFunction:

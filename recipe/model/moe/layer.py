@@ -21,9 +21,11 @@ import torch
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
+from ...config import NoisyGatePolicy, SecondExpertPolicy
 from .dispatch import LocalDispatcher, expert_parallel_dispatcher
 from .experts import build_experts
-from .gating import GateOutput, get_gate, load_balancing_loss
+from .gating import (GateOutput, check_gating_options, check_token_mask, get_gate, load_balancing_loss,
+                     local_balancing_loss)
 
 
 @dataclass
@@ -77,6 +79,31 @@ class MoECore(nn.Module):
         self.experts = experts
 
 
+def _check_layer_options(
+    num_experts: int,
+    ep_size: int,
+    k: int,
+    capacity_factor: float,
+    eval_capacity_factor: float,
+    min_capacity: int,
+    noisy_gate_policy: NoisyGatePolicy,
+    second_expert_policy: SecondExpertPolicy,
+) -> None:
+    """ValueError for an ``MoE`` option out of range: checked once, when the layer is built."""
+    if num_experts < 1 or ep_size < 1 or num_experts % ep_size != 0:
+        raise ValueError(
+            f"num_experts ({num_experts}) must be a positive multiple of ep_size ({ep_size}); "
+            f"change num_experts or the expert-parallel size"
+        )
+    if k not in (1, 2) or k > num_experts:
+        raise ValueError(f"k must be 1 or 2 and at most num_experts ({num_experts}), got {k}")
+    for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    # The rest of what the gate needs (min_capacity, the policies); k and cf pass, checked above.
+    check_gating_options(k, num_experts, capacity_factor, min_capacity, noisy_gate_policy, second_expert_policy)
+
+
 class MoE(DeepSpeedMoE):
     """Mixture-of-Experts FFN with GShard top-1/top-2 gating and index-based dispatch.
 
@@ -91,7 +118,7 @@ class MoE(DeepSpeedMoE):
         intermediate_size: F, hidden width of each expert.
         expert: registered expert name ("swiglu" or one added with ``register_expert``).
         gate: registered gate name ("gshard" or one added with ``register_gate``).
-        noisy_gate_policy: None, "Jitter" or "RSample".
+        noisy_gate_policy: None, "Jitter" (``jitter_eps`` on the router input) or "RSample".
         use_rts: random token selection on overflow.
         second_expert_policy: "argmax" or "sampling".
         balance_over_data_parallel: compute the balancing loss from routing counts summed over the
@@ -101,6 +128,8 @@ class MoE(DeepSpeedMoE):
     ``forward(hidden_states, token_mask=None)`` takes ``(..., M)`` and an optional bool mask of the
     leading shape (False = padding: not routed, output 0, not counted in the loss) and returns
     ``MoEOutput(output, l_aux, z_loss, stats)``.
+
+    Options are checked here, once (ValueError); ``forward`` only checks the mask it is given.
     """
 
     def __init__(
@@ -116,23 +145,15 @@ class MoE(DeepSpeedMoE):
         intermediate_size: Optional[int] = None,
         expert: str = "swiglu",
         gate: str = "gshard",
-        noisy_gate_policy: Optional[str] = None,
+        noisy_gate_policy: NoisyGatePolicy = None,
         use_rts: bool = False,
-        second_expert_policy: str = "argmax",
+        second_expert_policy: SecondExpertPolicy = "argmax",
         balance_over_data_parallel: bool = True,
         jitter_eps: float = 1e-2,
     ):
         nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ would build its own gate and experts
-        if num_experts < 1 or ep_size < 1 or num_experts % ep_size != 0:
-            raise ValueError(
-                f"num_experts ({num_experts}) must be a positive multiple of ep_size ({ep_size}); "
-                f"change num_experts or the expert-parallel size"
-            )
-        if k not in (1, 2) or k > num_experts:
-            raise ValueError(f"k must be 1 or 2 and at most num_experts ({num_experts}), got {k}")
-        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        _check_layer_options(num_experts, ep_size, k, capacity_factor, eval_capacity_factor, min_capacity,
+                             noisy_gate_policy, second_expert_policy)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -166,6 +187,7 @@ class MoE(DeepSpeedMoE):
         self.dispatcher = expert_parallel_dispatcher(self.ep_size, use_data_before_expert_parallel_)
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        # DeepSpeed's own route to group creation; its version expects DeepSpeed's MOELayer inside.
         self.set_deepspeed_parallelism(use_data_before_expert_parallel_)
 
     def forward(self, hidden_states: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> MoEOutput:
@@ -177,6 +199,7 @@ class MoE(DeepSpeedMoE):
         leading_shape, hidden = hidden_states.shape[:-1], hidden_states.shape[-1]
         x_SM = hidden_states.reshape(-1, hidden)
         mask_S = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
+        check_token_mask(mask_S, x_SM.shape[0])
         k = self.k
 
         logits_SE = self.deepspeed_moe.gate(x_SM)
@@ -192,11 +215,7 @@ class MoE(DeepSpeedMoE):
             training=self.training,
             token_mask=mask_S,
         )
-        l_aux = gate.l_aux
-        if self.balance_over_data_parallel:
-            counts = torch.cat([gate.first_choice_count, gate.first_choice_count.new_tensor([gate.num_tokens])])
-            counts = self.dispatcher.sum_over_data_parallel(counts)
-            l_aux = load_balancing_loss(gate.gate_prob_mean, counts[:-1] / counts[-1].clamp(min=1))
+        l_aux = self._balancing_loss(gate)
 
         # One entry per kept (token, choice) pair, grouped by expert: its token and its combine weight.
         token_of_pair_N = torch.div(gate.sorted_pairs, k, rounding_mode="floor")
@@ -215,3 +234,14 @@ class MoE(DeepSpeedMoE):
             k=k,
         )
         return MoEOutput(out_SM.view(*leading_shape, hidden), l_aux, gate.z_loss, stats)
+
+    def _balancing_loss(self, gate: GateOutput) -> torch.Tensor:
+        """l_aux, computed here once: from routing counts summed over the data-parallel group (one
+        all-reduce of E+1 numbers), or per rank, where a user gate's own ``l_aux`` is kept."""
+        if self.balance_over_data_parallel:
+            counts = torch.cat([gate.first_choice_count, gate.first_choice_count.new_tensor([gate.num_tokens])])
+            counts = self.dispatcher.sum_over_data_parallel(counts)
+            return load_balancing_loss(gate.gate_prob_mean, counts[:-1] / counts[-1].clamp(min=1))
+        if gate.l_aux is not None:
+            return gate.l_aux
+        return local_balancing_loss(gate.gate_prob_mean, gate.first_choice_count, gate.num_tokens)
