@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils import groups
 from torch import nn
 
 from .experts import combine, run_experts_indexed
@@ -102,8 +103,6 @@ class AllToAllDispatcher(LocalDispatcher):
 
 def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> str:
     """Create DeepSpeed's ``ep_size_{N}`` expert / expert-data-parallel groups once; return the name."""
-    from deepspeed.utils import groups
-
     world_size = dist.get_world_size()
     if world_size % ep_size != 0:
         raise ValueError(
@@ -112,7 +111,8 @@ def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = F
         )
     group_name = f"ep_size_{ep_size}"
     if group_name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel)
+        groups._create_expert_and_data_parallel(ep_size,
+                                                use_data_before_expert_parallel_=use_data_before_expert_parallel)
     return group_name
 
 
@@ -123,8 +123,6 @@ def expert_parallel_dispatcher(ep_size: int, use_data_before_expert_parallel: bo
     The groups are DeepSpeed's, so ZeRO reduces expert gradients over the matching expert-data-parallel
     group and saves one checkpoint file per expert.
     """
-    from deepspeed.utils import groups
-
     if not dist.is_initialized():
         if ep_size > 1:
             raise RuntimeError(f"ep_size={ep_size} needs torch.distributed; launch with the deepspeed launcher")
@@ -140,8 +138,6 @@ def expert_parallel_rank(ep_size: int) -> int:
     """This rank's index inside its expert-parallel group (0 without distributed); creates the groups."""
     if ep_size == 1 or not dist.is_initialized():
         return 0
-    from deepspeed.utils import groups
-
     return groups._get_expert_parallel_rank(ensure_expert_groups(ep_size))
 
 
@@ -150,6 +146,4 @@ def expert_data_parallel_rank(ep_size: int) -> int:
     order in which ZeRO partitions those experts' optimizer state; 0 without distributed."""
     if not dist.is_initialized():
         return 0
-    from deepspeed.utils import groups
-
     return groups._get_expert_data_parallel_rank(ensure_expert_groups(ep_size))
