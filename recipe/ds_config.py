@@ -15,11 +15,13 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .config import ConfigError, RecipeConfig
 
 RECIPE_BLOCK = "moe_recipe"
 RECIPE_KEYS = {"ep_size"}
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -27,7 +29,7 @@ class DSConfig:
     path: str
     deepspeed: dict  # what deepspeed.initialize receives
     ep_size: int
-    precision: str  # "fp32", "bf16" or "fp16"
+    precision: Precision
     zero_stage: int
     micro_batch_size: int
     grad_accum_steps: int
@@ -55,11 +57,28 @@ def _positive_int(value, what: str) -> int:
 def resolve_ds_config(raw: dict, config: RecipeConfig, world_size: int, path: str = "<dict>") -> DSConfig:
     """Validate a ds_config against the recipe config and world size; return what DeepSpeed gets."""
     ds = copy.deepcopy(raw)
+    ep_size = _pop_ep_size(ds, path)
+    micro, accum = _batch_sizes(ds, world_size, path)
+    precision = _precision(ds, path)
+    stage = _zero_stage(ds, config, path)
+    _check_ep_size(ep_size, config, world_size, path)
+    _fill_auto_schedule(ds, config.train.steps)
+    if "optimizer" not in ds:
+        raise ConfigError(f"{path}: declare the optimizer in the ds_config (e.g. AdamW); the recipe builds none itself")
+    return DSConfig(path=str(path), deepspeed=ds, ep_size=ep_size, precision=precision, zero_stage=stage,
+                    micro_batch_size=micro, grad_accum_steps=accum)
+
+
+def _pop_ep_size(ds: dict, path: str) -> int:
+    """Remove the recipe block (DeepSpeed must not see it) and return its expert-parallel size."""
     recipe = ds.pop(RECIPE_BLOCK, {})
     if not isinstance(recipe, dict) or set(recipe) - RECIPE_KEYS:
         raise ConfigError(f"{path}: `{RECIPE_BLOCK}` must be an object with keys {sorted(RECIPE_KEYS)}, got {recipe!r}")
-    ep_size = _positive_int(recipe.get("ep_size", 1), f"{path}: {RECIPE_BLOCK}.ep_size")
+    return _positive_int(recipe.get("ep_size", 1), f"{path}: {RECIPE_BLOCK}.ep_size")
 
+
+def _batch_sizes(ds: dict, world_size: int, path: str) -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps); ``train_batch_size``, if given, must agree."""
     if "train_micro_batch_size_per_gpu" not in ds:
         raise ConfigError(f"{path}: set train_micro_batch_size_per_gpu (batch sizes live in the ds_config)")
     micro = _positive_int(ds["train_micro_batch_size_per_gpu"], f"{path}: train_micro_batch_size_per_gpu")
@@ -72,19 +91,27 @@ def resolve_ds_config(raw: dict, config: RecipeConfig, world_size: int, path: st
                 f"x data-parallel size {world_size} = {micro * accum * world_size}; remove train_batch_size "
                 f"(it is derived) or fix the other two"
             )
+    return micro, accum
 
+
+def _precision(ds: dict, path: str) -> Precision:
+    """The precision, "fp32", "bf16" or "fp16", from the ``fp16`` / ``bf16`` blocks (at most one enabled)."""
     fp16 = bool(ds.get("fp16", {}).get("enabled", False))
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
     if fp16 and bf16:
         raise ConfigError(f"{path}: fp16 and bf16 are both enabled; enable at most one")
-    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
     if fp16:
+        # Deferred: importing deepspeed takes seconds, and only fp16 needs to ask the accelerator.
         from deepspeed.accelerator import get_accelerator
 
         if not get_accelerator().is_fp16_supported():
             raise ConfigError(f"{path}: fp16 is not supported on this accelerator "
                               f"({get_accelerator().device_name()}); use a bf16 or fp32 ds_config")
+    return "fp16" if fp16 else "bf16" if bf16 else "fp32"
 
+
+def _zero_stage(ds: dict, config: RecipeConfig, path: str) -> int:
+    """The ZeRO stage, refusing the combinations with MoE that DeepSpeed asserts on later."""
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -95,22 +122,27 @@ def resolve_ds_config(raw: dict, config: RecipeConfig, world_size: int, path: st
         if stage == 2 and not (zero.get("contiguous_gradients", True) and zero.get("reduce_scatter", True)):
             raise ConfigError(f"{path}: ZeRO-2 with MoE needs contiguous_gradients and reduce_scatter true "
                               f"(DeepSpeed asserts otherwise); set both to true")
+    return stage
 
+
+def _check_ep_size(ep_size: int, config: RecipeConfig, world_size: int, path: str) -> None:
+    """The expert-parallel size must divide the ranks and the experts; dense models have none."""
     if world_size % ep_size != 0:
         raise ConfigError(f"{path}: {RECIPE_BLOCK}.ep_size {ep_size} does not divide the world size {world_size}; "
                           f"launch a multiple of {ep_size} ranks or use a smaller ep_size")
     if config.is_moe and config.model.num_experts % ep_size != 0:
-        raise ConfigError(f"`model.num_experts` ({config.model.num_experts}) is not divisible by {RECIPE_BLOCK}.ep_size "
-                          f"{ep_size} from {path}; use a multiple of {ep_size} experts or a smaller ep_size")
+        raise ConfigError(f"`model.num_experts` ({config.model.num_experts}) is not divisible by "
+                          f"{RECIPE_BLOCK}.ep_size {ep_size} from {path}; use a multiple of {ep_size} experts "
+                          f"or a smaller ep_size")
     if not config.is_moe and ep_size > 1:
         raise ConfigError(f"model_type {config.model_type!r} has no experts but {path} sets ep_size={ep_size}; "
                           f"use an ep_size=1 ds_config for dense models")
 
+
+def _fill_auto_schedule(ds: dict, train_steps: int) -> None:
+    """``"auto"`` scheduler lengths from ``train.steps``: all of it, and a 5% warm-up (at least one step)."""
     scheduler = ds.get("scheduler", {}).get("params", {})
-    for key in ("total_num_steps", "warmup_num_steps"):
-        if scheduler.get(key) == "auto":
-            scheduler[key] = config.train.steps if key == "total_num_steps" else max(1, config.train.steps // 20)
-    if "optimizer" not in ds:
-        raise ConfigError(f"{path}: declare the optimizer in the ds_config (e.g. AdamW); the recipe builds none itself")
-    return DSConfig(path=str(path), deepspeed=ds, ep_size=ep_size, precision=precision, zero_stage=stage,
-                    micro_batch_size=micro, grad_accum_steps=accum)
+    if scheduler.get("total_num_steps") == "auto":
+        scheduler["total_num_steps"] = train_steps
+    if scheduler.get("warmup_num_steps") == "auto":
+        scheduler["warmup_num_steps"] = max(1, train_steps // 20)
