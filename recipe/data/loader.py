@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipe.data.prepare import FORMAT_VERSION, META_FILE, SPLITS
+from recipe.data.prepare import FORMAT_VERSION, META_FILE, SPLITS, Split
 
 _PREPARE_HINT = "run `make data` or `python -m recipe.data.prepare --source PATH --out DIR --vocab-size N`"
 _DTYPES = ("uint16", "uint32")
@@ -37,7 +37,7 @@ class TokenDataset:
     token count, and every token id is below ``vocab_size`` (ValueError).
     """
 
-    def __init__(self, data_dir: Path, split: str) -> None:
+    def __init__(self, data_dir: Path, split: Split) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.data_dir = Path(data_dir)

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -42,7 +43,8 @@ DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_OUT_DIR = Path("data/sotu")  # --default: raw speeches go to DEFAULT_OUT_DIR / "raw"
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
-SPLITS = ("train", "val")
+Split = Literal["train", "val"]
+SPLITS = get_args(Split)
 _ENCODE_CHUNK_DOCS = 256  # documents encoded and written per step (bounds memory)
 
 
@@ -72,12 +74,7 @@ def prepare_dataset(
     if not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     docs = dict(read_documents(source))  # doc_id -> text, in corpus order
-    given = Tokenizer(tokenizer_model) if tokenizer_model is not None else None
-    if given is not None and given.vocab_size != vocab_size:
-        raise ValueError(
-            f"--vocab-size {vocab_size} does not match the tokenizer {tokenizer_model} "
-            f"(vocab size {given.vocab_size}); pass --vocab-size {given.vocab_size}"
-        )
+    given = _load_given_tokenizer(tokenizer_model, vocab_size)
     settings = {
         "format_version": FORMAT_VERSION,
         "vocab_size": vocab_size,
@@ -91,19 +88,54 @@ def prepare_dataset(
         _log(verbose, f"reusing prepared data in {out_dir} (same corpus and settings)")
         return reused
 
-    train_ids, val_ids = split_documents(list(docs), val_every, seed)
+    doc_ids = dict(zip(SPLITS, split_documents(list(docs), val_every, seed)))  # split -> doc ids
+    meta, tok_seconds = _stage_and_publish(out_dir, source, docs, doc_ids, settings, tokenizer_model)
+    what = "given" if given is not None else f"trained in {tok_seconds:.1f} s"
+    _log(
+        verbose,
+        f"prepared {out_dir}: train {len(doc_ids['train'])} docs / {meta['train_tokens']:,} tokens, "
+        f"val {len(doc_ids['val'])} docs / {meta['val_tokens']:,} tokens, vocab {meta['vocab_size']} "
+        f"({meta['dtype']}), tokenizer {what}, total {time.perf_counter() - start:.1f} s",
+    )
+    return meta
+
+
+def _load_given_tokenizer(tokenizer_model: Path | None, vocab_size: int) -> Tokenizer | None:
+    """The tokenizer passed with ``--tokenizer`` (None when one is to be trained); its vocab must match."""
+    if tokenizer_model is None:
+        return None
+    given = Tokenizer(tokenizer_model)
+    if given.vocab_size != vocab_size:
+        raise ValueError(
+            f"--vocab-size {vocab_size} does not match the tokenizer {tokenizer_model} "
+            f"(vocab size {given.vocab_size}); pass --vocab-size {given.vocab_size}"
+        )
+    return given
+
+
+def _stage_and_publish(
+    out_dir: Path,
+    source: Path,
+    docs: dict[str, str],
+    doc_ids: dict[str, list[str]],
+    settings: dict,
+    tokenizer_model: Path | None,
+) -> tuple[dict, float]:
+    """Write tokenizer, shards and meta into a hidden staging folder of ``out_dir``, then move them
+    into place (``_publish``); return the meta and the seconds the tokenizer took."""
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".prepare-tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         tok_start = time.perf_counter()
-        tok = _stage_tokenizer(staging, docs, train_ids, vocab_size, seed, tokenizer_model)
+        tok = _stage_tokenizer(staging, docs, doc_ids["train"], settings["vocab_size"], settings["seed"],
+                               tokenizer_model)
         tok_seconds = time.perf_counter() - tok_start
         dtype = shard_dtype(tok.vocab_size)
         counts = {
-            split: _write_shard(staging / f"{split}.bin", [docs[d] for d in ids], tok, dtype)
-            for split, ids in zip(SPLITS, (train_ids, val_ids))
+            split: _write_shard(staging / f"{split}.bin", [docs[d] for d in doc_ids[split]], tok, dtype)
+            for split in SPLITS
         }
         meta = {
             **settings,
@@ -115,23 +147,15 @@ def prepare_dataset(
             "tokenizer_sha256": tok.sha256,
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
-            "train_docs": train_ids,
-            "val_docs": val_ids,
+            "train_docs": doc_ids["train"],
+            "val_docs": doc_ids["val"],
             "source": str(source),
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         _publish(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-    what = "given" if given is not None else f"trained in {tok_seconds:.1f} s"
-    _log(
-        verbose,
-        f"prepared {out_dir}: train {len(train_ids)} docs / {counts['train']:,} tokens, "
-        f"val {len(val_ids)} docs / {counts['val']:,} tokens, vocab {tok.vocab_size} "
-        f"({meta['dtype']}), tokenizer {what}, total {time.perf_counter() - start:.1f} s",
-    )
-    return meta
+    return meta, tok_seconds
 
 
 def split_documents(doc_ids: Sequence[str], val_every: int, seed: int) -> tuple[list[str], list[str]]:

@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import sentencepiece as spm
 
@@ -30,7 +31,8 @@ NUM_BYTE_PIECES = 256
 NUM_SPECIAL_PIECES = 3  # <unk>, <s>, </s>
 # Smallest vocabulary that holds the byte pieces, the special pieces and one more.
 MIN_VOCAB_SIZE = NUM_BYTE_PIECES + NUM_SPECIAL_PIECES + 1
-MODEL_TYPES = ("bpe", "unigram")
+TokenizerModelType = Literal["bpe", "unigram"]
+MODEL_TYPES = get_args(TokenizerModelType)
 # At most this many sentences (lines) are sampled for training: bounds time and
 # memory on large corpora (SOTU, ~12 MB, has ~26k lines and is used whole).
 INPUT_SENTENCE_SIZE = 1_000_000
@@ -43,7 +45,7 @@ def train_tokenizer(
     text_files: Sequence[Path],
     model_prefix: Path,
     vocab_size: int,
-    model_type: str = "bpe",
+    model_type: TokenizerModelType = "bpe",
     seed: int = 0,
     num_threads: int = 1,
 ) -> Path:
@@ -95,7 +97,7 @@ def train_tokenizer(
 
 
 def _check_train_args(
-    text_files: Sequence[Path], vocab_size: int, model_type: str, num_threads: int
+    text_files: Sequence[Path], vocab_size: int, model_type: TokenizerModelType, num_threads: int
 ) -> None:
     """Raise ValueError/FileNotFoundError for arguments training cannot use."""
     if isinstance(text_files, (str, Path)):
@@ -253,10 +255,6 @@ class Tokenizer:
         if bad:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return str(self._sp.decode(ids))
-
-    def id_to_piece(self, token_id: int) -> str:
-        """The vocabulary string of one id (for debugging and inspection)."""
-        return str(self._sp.id_to_piece(int(token_id)))
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
