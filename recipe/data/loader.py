@@ -14,6 +14,7 @@ not on how it is split over ranks: 1 rank x 4 equals 2 ranks x 2 equals 4 x 1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,10 @@ class TokenDataset:
     def tokenizer_path(self) -> Path:
         """The tokenizer model stored next to the shards."""
         return self.data_dir / self.meta["tokenizer_model"]
+
+    def made_by(self, tokenizer_file: Path) -> bool:
+        """Whether ``tokenizer_file`` (any file: its bytes are hashed) is the tokenizer the shards were made with."""
+        return hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest() == self.tokenizer_sha256
 
     def check_tokenizer(self, sha256: str) -> None:
         """ValueError unless the shards were made by the tokenizer with this hash."""

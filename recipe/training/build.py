@@ -1,0 +1,73 @@
+"""Everything a rank trains with: the model (initial or resharded weights), the DeepSpeed engine and the data."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import deepspeed
+import torch
+
+from ..data.loader import BatchLoader, TokenDataset
+from ..ds_config import DSConfig
+from ..model.moe.dispatch import expert_parallel_rank
+from ..model.transformer import TransformerLM
+from .checkpointing import ReshardSource, load_resharded_weights, read_reshard_source
+from .distributed import Ranks
+from .plan import RunPlan
+from .step import needs_own_grad_check
+
+
+@dataclass
+class Job:
+    model: TransformerLM
+    engine: deepspeed.DeepSpeedEngine
+    scheduler: Optional[object]  # the LR scheduler the JSON declared, or None
+    loader: BatchLoader  # this rank's share of every global batch, resumable
+    val_data: TokenDataset
+    ep_rank: int  # index inside the expert-parallel group: which experts this rank holds
+    own_grad_check: bool  # a plain torch optimizer: the recipe checks gradients for inf/NaN itself
+    reshard_source: Optional[ReshardSource] = None  # the checkpoint being moved into this layout
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def num_local_experts(self) -> int:
+        layers = self.model.moe_layers()
+        return layers[0].num_local_experts if layers else 1
+
+
+def build_job(plan: RunPlan, ranks: Ranks) -> Job:
+    config, ds = plan.config, plan.ds
+    ep_rank = expert_parallel_rank(ds.ep_size) if config.is_moe else 0  # creates DeepSpeed's EP groups
+    model = TransformerLM(config, ep_size=ds.ep_size)
+    model.init_weights(config.train.seed, ep_rank)
+    source = None
+    if plan.reshard:  # another layout: every expert file is read, this rank keeps its own experts
+        source = read_reshard_source(plan)
+        load_resharded_weights(model, source, ep_rank)
+    engine, scheduler = start_engine(model, ds)
+    train_data = TokenDataset(Path(config.data.path), "train")
+    loader = BatchLoader(train_data, config.data.seq_len, ds.micro_batch_size, ranks.rank, ranks.world_size,
+                         seed=config.data.seed)
+    return Job(model=model, engine=engine, scheduler=scheduler, loader=loader,
+               val_data=TokenDataset(Path(config.data.path), "val"), ep_rank=ep_rank,
+               own_grad_check=needs_own_grad_check(engine.optimizer), reshard_source=source)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms); DeepSpeed then splits out the expert parameters."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def start_engine(model: TransformerLM, ds: DSConfig):
+    """(engine, LR scheduler or None) from the resolved DeepSpeed JSON."""
+    weight_decay = ds.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+                                                   config=ds.deepspeed)
+    return engine, scheduler

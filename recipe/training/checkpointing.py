@@ -1,0 +1,153 @@
+"""Where a launch starts from (fresh, resumed at the same layout, or resharded from another) and how it saves.
+
+The checkpoint layout, its commit protocol and the per-rank ``RankState`` are in ``recipe/checkpoint.py``;
+moving optimizer state between layouts is ``recipe/reshard.py``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+
+from ..checkpoint import (RankState, begin, checkpoint_root, commit, consolidated_state_dict, load_recipe_state, prune,
+                          rng_state, save_recipe_state, set_rng_state, step_tag)
+from ..model.expert_keys import shard_experts
+from ..model.moe.dispatch import expert_data_parallel_rank
+from ..model.transformer import TransformerLM
+from ..reshard import ReshardError, load_optimizer_state, read_optimizer_state
+from .distributed import Ranks, barrier, ranks_where
+from .plan import RunPlan
+
+if TYPE_CHECKING:
+    from .build import Job
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ReshardSource:
+    weights: dict[str, torch.Tensor]  # the whole saved model, global expert ids
+    client_state: dict  # what the engine saved beside the weights (LR schedule, step, config)
+
+
+def read_reshard_source(plan: RunPlan) -> ReshardSource:
+    weights, client_state = consolidated_state_dict(checkpoint_root(plan.run_dir), plan.resume_tag)
+    return ReshardSource(weights=weights, client_state=client_state)
+
+
+def load_resharded_weights(model: TransformerLM, source: ReshardSource, ep_rank: int) -> None:
+    layers = model.moe_layers()
+    model.load_state_dict(shard_experts(source.weights, ep_rank, layers[0].num_local_experts if layers else 1))
+
+
+def start_or_resume(plan: RunPlan, job: Job, ranks: Ranks, log: Log) -> Optional[int]:
+    """The last step already trained (0 for a fresh run); None when this launch's checkpoint cannot be loaded,
+    which every rank has learned and one has said."""
+    if ranks.is_main:
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+    if plan.reshard:
+        start_step = resume_resharded(plan, job, log)
+    elif plan.resume_tag is not None:
+        start_step = resume(plan, job, ranks, log)
+    else:
+        start_step = 0
+        if ranks.is_main:
+            _write_run_config(plan)
+    if start_step is not None and ranks.is_main:  # a failed load writes nothing
+        tokenizer = Path(plan.config.data.path) / "tokenizer.model"
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, plan.run_dir / "tokenizer.model")
+    return start_step
+
+
+def _write_run_config(plan: RunPlan) -> None:
+    ds = plan.ds
+    (plan.run_dir / "config.json").write_text(json.dumps(
+        {"config": plan.config.to_dict(), "ds_config": ds.deepspeed, "ds_config_path": ds.path, "ep_size": ds.ep_size,
+         "world_size": plan.world_size}, indent=2))
+
+
+def resume(plan: RunPlan, job: Job, ranks: Ranks, log: Log) -> Optional[int]:
+    """Same layout: DeepSpeed loads its own files, each rank its data position and RNG state."""
+    tag, root = plan.resume_tag, checkpoint_root(plan.run_dir)
+    # plan_run checked the files' sizes; what can still fail (a file damaged in place, an older checkpoint
+    # without sizes) ends every rank with one line instead of a DeepSpeed traceback. Loading involves no
+    # collective, so the ranks meet again in the vote below whatever happened.
+    failure = None
+    try:
+        own = load_recipe_state(plan.run_dir, tag, ranks.rank)
+        loaded, _ = job.engine.load_checkpoint(str(root), tag=tag)
+        if loaded is None:
+            raise FileNotFoundError("DeepSpeed found no model states file in it")
+        job.loader.load_state_dict(own.loader)
+        set_rng_state(own.rng)
+    except Exception as exc:  # noqa: BLE001 - anything here means the checkpoint cannot be used
+        failure = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    if ranks_where(failure is not None):
+        if failure is not None:
+            print(f"error: rank {ranks.rank} cannot load checkpoint {tag} from {root} ({failure}); its files are "
+                  f"damaged: move that folder out of {root} (or delete it) to --resume from the newest older "
+                  f"complete checkpoint; nothing was written", file=sys.stderr, flush=True)
+        return None
+    log(f"resumed from {tag} (step {own.step})")
+    return own.step
+
+
+def resume_resharded(plan: RunPlan, job: Job, log: Log) -> int:
+    """Another layout: the weights are in place already (``build_job``); LR schedule, data position, fp32 master
+    weights and Adam moments follow."""
+    tag, source = plan.resume_tag, job.reshard_source
+    if job.scheduler is not None:
+        job.scheduler.load_state_dict(source.client_state["lr_scheduler"])
+        # Put the schedule's current rate into the new optimizer's groups now, as loading the optimizer's
+        # own state does on a same-layout resume; otherwise the first step runs at the initial rate.
+        job.scheduler.step(job.scheduler.last_batch_iteration)
+    own = load_recipe_state(plan.run_dir, tag, 0)  # the data position is global; RNG is per layout
+    job.loader.load_state_dict(own.loader)
+    start_step = job.engine.global_steps = own.step
+    try:
+        moved = read_optimizer_state(checkpoint_root(plan.run_dir) / tag, source.weights, plan.config.model.num_experts)
+        load_optimizer_state(job.engine, moved, job.ep_rank, job.num_local_experts)
+        carried = "fp32 master weights, Adam moments, "
+    except ReshardError as exc:  # the weights are in place already; only the moments are lost
+        carried = ""
+        log(f"warning: optimizer state not carried over ({exc}); Adam moments restart from zero")
+    log(f"resharded {tag} (step {start_step}) into {plan.world_size} ranks, ep_size {plan.ds.ep_size}: "
+        f"weights, {carried}data position and LR schedule carried over")
+    return start_step
+
+
+def save(plan: RunPlan, job: Job, ranks: Ranks, step: int) -> None:
+    """Every rank writes its files into the tag's folder; rank 0 commits the checkpoint once all are in place."""
+    tag, root = step_tag(step), checkpoint_root(plan.run_dir)
+    if ranks.is_main:
+        begin(plan.run_dir, tag)
+    barrier()
+    save_recipe_state(plan.run_dir, tag, ranks.rank, rank_state(plan, job, ranks, step))
+    job.engine.save_checkpoint(str(root), tag=tag, save_latest=False,
+                               client_state={"step": step, "config": plan.config.to_dict()})
+    barrier()  # every rank's files are written
+    if ranks.is_main:
+        commit(plan.run_dir, tag, ranks.world_size, len(job.model.moe_layers()), plan.config.model.num_experts)
+        prune(plan.run_dir, plan.config.train.keep_last)
+    barrier()
+
+
+def rank_state(plan: RunPlan, job: Job, ranks: Ranks, step: int) -> RankState:
+    """This rank's ``recipe_rank{R}.pt``: what resumes it, and what --reshard needs to read its optimizer shard
+    back at another layout (recipe/reshard.py)."""
+    param_names = None
+    optimizer = job.engine.optimizer
+    if isinstance(optimizer, torch.optim.Optimizer):  # plain torch optimizer: state keyed by index
+        names = {p: n for n, p in job.engine.module.named_parameters()}
+        param_names = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+    return RankState(
+        step=step, loader=job.loader.state_dict(), rng=rng_state(), world_size=ranks.world_size,
+        ep_size=plan.ds.ep_size, rank=ranks.rank, ep_rank=job.ep_rank,
+        expert_dp_rank=expert_data_parallel_rank(plan.ds.ep_size) if plan.config.is_moe else ranks.rank,
+        zero_stage=plan.ds.zero_stage, precision=plan.ds.precision, optimizer_param_names=param_names)

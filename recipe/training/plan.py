@@ -1,0 +1,138 @@
+"""Every check that needs no process group, run before any rank starts: the configs, the data, the run folder
+and, with ``--resume``, the checkpoint and whether it can be loaded at this launch's layout.
+
+Each problem raises ``ConfigError`` with one line naming it and the fix; nothing has been written by then.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..checkpoint import checkpoint_root, latest_tag, load_recipe_state, resume_problem
+from ..config import ConfigError, RecipeConfig, config_from_saved, load_config
+from ..data.loader import TokenDataset
+from ..ds_config import DSConfig, read_ds_config, resolve_ds_config
+
+
+@dataclass
+class RunPlan:
+    config: RecipeConfig
+    ds: DSConfig
+    run_dir: Path
+    world_size: int
+    resume_tag: Optional[str] = None  # the checkpoint to continue from (with --resume)
+    # The checkpoint was saved at another rank count, ep_size, ZeRO stage or precision: weights, optimizer
+    # state, data position and LR schedule are moved into this launch's layout (recipe/reshard.py).
+    reshard: bool = False
+
+
+def plan_run(args: argparse.Namespace) -> RunPlan:
+    """The checked plan of this launch (``args`` from ``recipe.train.parse_args``). Raises ConfigError."""
+    config = _with_command_line(load_config(args.config, list(args.set)), args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ds = resolve_ds_config(read_ds_config(args.ds_config), config, world_size, args.ds_config)
+    train_data = _check_data(config, ds, world_size)
+    run_dir = Path(config.train.run_dir)
+    if not config.train.resume:
+        _check_fresh_start(run_dir, args.reshard)
+        return RunPlan(config=config, ds=ds, run_dir=run_dir, world_size=world_size)
+    tag = latest_tag(run_dir)
+    if tag is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {checkpoint_root(run_dir)}; "
+                          f"train without --resume first")
+    problem = resume_problem(run_dir, tag)  # files missing or changed size since the checkpoint was committed
+    if problem:
+        raise ConfigError(problem)
+    _check_same_tokens_and_model(run_dir, config, train_data)
+    reshard = _needs_reshard(run_dir, tag, ds, world_size, args.reshard)
+    return RunPlan(config=config, ds=ds, run_dir=run_dir, world_size=world_size, resume_tag=tag, reshard=reshard)
+
+
+def _with_command_line(config: RecipeConfig, args: argparse.Namespace) -> RecipeConfig:
+    """``--run_dir`` and ``--resume`` win over the config file's train.run_dir / train.resume."""
+    train = config.train
+    if args.run_dir:
+        train = dataclasses.replace(train, run_dir=args.run_dir)
+    if args.resume:
+        train = dataclasses.replace(train, resume=True)
+    return dataclasses.replace(config, train=train)
+
+
+def _check_data(config: RecipeConfig, ds: DSConfig, world_size: int) -> TokenDataset:
+    """The training split opens, fits the model's vocabulary, was made by the tokenizer beside it and holds at
+    least one global micro-batch."""
+    try:
+        train_data = TokenDataset(Path(config.data.path), "train")
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    if train_data.vocab_size != config.model.vocab_size:
+        raise ConfigError(
+            f"`model.vocab_size` ({config.model.vocab_size}) differs from the tokenizer of {config.data.path} "
+            f"({train_data.vocab_size}); set model.vocab_size={train_data.vocab_size} or prepare the data again"
+        )
+    tokenizer = train_data.tokenizer_path
+    if tokenizer.is_file() and not train_data.made_by(tokenizer):
+        raise ConfigError(f"{tokenizer} is not the tokenizer the token shards in {config.data.path} were made with "
+                          f"(sha256 differs); prepare the data again (make data) or put that tokenizer back")
+    samples = (train_data.num_tokens - 1) // config.data.seq_len
+    if samples < ds.micro_batch_size * world_size:
+        raise ConfigError(
+            f"{config.data.path} holds {samples} sequences of {config.data.seq_len} tokens, fewer than one global "
+            f"micro-batch ({ds.micro_batch_size} x {world_size} ranks); lower data.seq_len or the micro batch"
+        )
+    return train_data
+
+
+def _check_fresh_start(run_dir: Path, reshard: bool) -> None:
+    root = checkpoint_root(run_dir)
+    if root.is_dir() and any(root.iterdir()):
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another "
+                          f"--run_dir (nothing was overwritten)")
+    if reshard:
+        raise ConfigError("--reshard only makes sense with --resume")
+
+
+def _check_same_tokens_and_model(run_dir: Path, config: RecipeConfig, train_data: TokenDataset) -> None:
+    """The run was trained on tokens of this data's tokenizer, with this model config."""
+    trained_with = run_dir / "tokenizer.model"
+    if trained_with.is_file() and not train_data.made_by(trained_with):
+        raise ConfigError(f"--resume into {run_dir}, trained on tokens of its {trained_with.name}, but the shards "
+                          f"in {config.data.path} were made by another tokenizer; resume with the data it was "
+                          f"trained on, or train anew in another --run_dir")
+    saved = config_from_saved(json.loads((run_dir / "config.json").read_text())["config"]).to_dict()
+    now = config.to_dict()
+    if any(saved[key] != now[key] for key in ("model_type", "model")):
+        diff = {k: (saved["model"][k], v) for k, v in now["model"].items() if saved["model"].get(k) != v}
+        raise ConfigError(
+            f"--resume into {run_dir}, which was trained with another model config "
+            f"(saved vs now: {diff or saved['model_type']}); use the same config or a new --run_dir"
+        )
+
+
+def _needs_reshard(run_dir: Path, tag: str, ds: DSConfig, world_size: int, reshard_asked: bool) -> bool:
+    """Whether checkpoint ``tag`` must be resharded into this launch; refuses what cannot be loaded."""
+    saved = load_recipe_state(run_dir, tag, 0)
+    # DeepSpeed's own loader needs the ranks, expert-parallel size, ZeRO stage and precision the checkpoint
+    # was written with (checkpoints from before the last two were recorded: assume unchanged).
+    saved_shape = (saved.world_size, saved.ep_size, ds.zero_stage if saved.zero_stage is None else saved.zero_stage,
+                   saved.precision or ds.precision)
+    same_layout = saved_shape == (world_size, ds.ep_size, ds.zero_stage, ds.precision)
+    if not same_layout and not reshard_asked:
+        raise ConfigError(
+            f"checkpoint {tag} was saved with {saved_shape[0]} ranks and ep_size {saved_shape[1]} (ZeRO-"
+            f"{saved_shape[2]} {saved_shape[3]}), this launch has {world_size} ranks and ep_size {ds.ep_size} "
+            f"(ZeRO-{ds.zero_stage} {ds.precision}); resume with the same layout, or add --reshard to move it "
+            f"into this one"
+        )
+    saved_batch = saved.loader["global_micro_batch"]
+    if reshard_asked and saved_batch != ds.micro_batch_size * world_size:
+        raise ConfigError(
+            f"--reshard keeps the data order, so the global micro-batch must stay {saved_batch} sequences; "
+            f"set train_micro_batch_size_per_gpu to {saved_batch} / number of ranks"
+        )
+    return not same_layout
