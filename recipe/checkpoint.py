@@ -33,7 +33,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .model.expert_keys import shard_experts  # noqa: F401  (re-exported: the trainer imports it from here)
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"

@@ -33,6 +33,7 @@ def read_curves(run_dir: Path) -> dict:
 
 
 def plot(curves: dict[str, dict], path: Path) -> Path:
+    # Deferred: matplotlib takes a second to import, and its backend must be chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")

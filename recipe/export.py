@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import save_file
 
 from .checkpoint import checkpoint_root, consolidated_state_dict
-from .config import RecipeConfig
+from .config import RecipeConfig, config_from_saved
 from .model.expert_keys import EXPERT_GROUP_PATH, expert_key
 from .reshard import ReshardError, master_state_dict
 
@@ -115,8 +116,6 @@ def to_hf_state(state: dict, config: RecipeConfig) -> tuple[dict, dict]:
 
 
 def save_hf(state: dict, config: RecipeConfig, out_dir: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     tensors, hf_config = to_hf_state(state, config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,8 +125,6 @@ def save_hf(state: dict, config: RecipeConfig, out_dir: str | Path) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .generate import config_from_saved
-
     parser = argparse.ArgumentParser(prog="recipe.export", description="Export a run's checkpoint.")
     parser.add_argument("--run_dir", required=True)
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")

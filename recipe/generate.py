@@ -16,14 +16,14 @@ import torch
 
 from .checkpoint import checkpoint_root, consolidated_state_dict
 from .config import config_from_saved
+from .data.tokenizer import Tokenizer
+from .model.transformer import TransformerLM
 
 DEFAULT_PROMPTS = ("The state of the Union", "Our economy", "In the coming year, we will")
 
 
 def load_model(run_dir: str | Path, tag: Optional[str] = None):
     """(model in eval mode on CPU, config) from a run directory's checkpoint."""
-    from .model.transformer import TransformerLM
-
     run_dir = Path(run_dir)
     state, client = consolidated_state_dict(checkpoint_root(run_dir), tag)
     config = config_from_saved(client["config"])
@@ -56,8 +56,6 @@ def sample(model, prompt_ids: list[int], max_new_tokens: int, temperature: float
 
 def print_samples(run_dir: str | Path, num_samples: int = 3, prompts: Optional[list[str]] = None,
                   max_new_tokens: int = 60, temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> list[str]:
-    from .data.tokenizer import Tokenizer
-
     run_dir = Path(run_dir)
     tokenizer_path = run_dir / "tokenizer.model"
     if not tokenizer_path.is_file():

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -44,7 +46,7 @@ class MetricsWriter:
                     if line.strip() and json.loads(line)["step"] <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         if wandb_mode != "disabled":
-            import wandb
+            import wandb  # deferred: seconds to import, and runs with wandb disabled never need it
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb_run = wandb.init(project=wandb_project, dir=str(self.run_dir), mode=wandb_mode,
@@ -70,11 +72,11 @@ class MetricsWriter:
 
 def expert_load_heatmap(loads: list[list[float]], path: Path, title: str) -> Path:
     """PNG of kept tokens per expert (rows: MoE layers, columns: experts), as a share of each layer's total."""
+    # Deferred: matplotlib takes a second to import, and its backend must be chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     grid = np.asarray(loads, dtype=float)
     share = grid / np.maximum(grid.sum(axis=1, keepdims=True), 1.0)

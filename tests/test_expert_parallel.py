@@ -28,7 +28,7 @@ def _build(ep_size, k, drop_tokens, balance_global, seed=0):
 
 def _load_slice(sharded, full, ep_rank):
     """Give ``sharded`` (local experts only) the weights of ``full``'s experts owned by ``ep_rank``."""
-    from recipe.checkpoint import shard_experts
+    from recipe.model.expert_keys import shard_experts
 
     sharded.load_state_dict(shard_experts(full.state_dict(), ep_rank, sharded.num_local_experts))
 

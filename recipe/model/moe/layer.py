@@ -5,12 +5,9 @@ The class derives from ``deepspeed.moe.layer.MoE`` only so that the DeepSpeed en
 reduces expert gradients over the expert-data-parallel group and saves one file per expert. None of
 DeepSpeed's MoE code runs: ``__init__`` and ``forward`` are ours.
 
-State-dict layout (what the engine's per-expert checkpoint cut expects)::
-
-    deepspeed_moe.gate.wg.weight                              (E, M) router, replicated
-    deepspeed_moe.experts.deepspeed_experts.{i}.w1.weight     (F, M) local expert i
-    deepspeed_moe.experts.deepspeed_experts.{i}.w3.weight     (F, M)
-    deepspeed_moe.experts.deepspeed_experts.{i}.w2.weight     (M, F)
+State dict: the router ``deepspeed_moe.gate.wg.weight`` (E, M), replicated, and the local experts under
+``deepspeed_moe.experts``, one key set per expert as the engine's per-expert checkpoint cut expects (the
+key forms are defined in ``recipe/model/expert_keys.py``).
 """
 from __future__ import annotations
 
