@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,40 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = ("the nation people congress year government states united world peace freedom law work economy "
          "future children families country tax health jobs security we our must will can new great strong").split()
+
+
+# Safety net for waits on training processes (a launch's end, a first step, ranks exiting). Every wait is for
+# a condition the test observes; this deadline only turns a hang into a failure. Generous on purpose: one
+# launch takes 10-200 s on a 2-core machine shared with other work, a 3x slower machine under load several
+# minutes: never 30.
+SAFETY_S = 30 * 60
+
+
+def run_to_end(cmd: list[str], timeout: float = SAFETY_S, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` for commands that start a process tree (the
+    launcher and its ranks): still running after ``timeout`` s (a hang), the whole tree is killed (not only
+    its first process, whose children would keep running) and the test fails with the output so far."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:  # a hang, or the run interrupted (Ctrl-C): end the whole tree
+        _kill_group(proc)
+        out, err = proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise AssertionError(f"{' '.join(map(str, cmd))[:300]}\nstill running after {timeout:.0f} s, killed:\n"
+                                 f"{out[-4000:]}\n{err[-4000:]}") from None
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group that ``proc`` (started with start_new_session=True) leads."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # every process of the group has ended already
+        pass
+    proc.wait()
 
 
 def _free_port() -> int:
@@ -81,18 +116,21 @@ def write_ds_config(path: Path, base: str = "zero2_fp32.json", **changes) -> Pat
     return path
 
 
-def launch(nproc: int, config: Path, ds_config: Path, run_dir: Path, *extra: str, timeout: int = 600,
+def launch(nproc: int, config: Path, ds_config: Path, run_dir: Path, *extra: str, timeout: float = SAFETY_S,
            check: bool = True) -> subprocess.CompletedProcess:
-    """Train through launch/train.sh (the deepspeed launcher) and return the finished process."""
+    """Train through launch/train.sh (the deepspeed launcher) and return the finished process (``timeout``: a
+    safety net, see SAFETY_S)."""
     env = {**os.environ, "MASTER_PORT": str(_free_port()), "PYTHONUNBUFFERED": "1"}
     cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nproc", str(nproc), "--config", str(config),
            "--ds_config", str(ds_config), "--run_dir", str(run_dir), "--python", sys.executable, "--", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    # DeepSpeed's CPU shm allreduce segments of this run (~66 MB per rank): the trainer unlinks them after
-    # start-up; whatever a run that failed before that left behind is removed here so RAM does not fill up.
-    leftover = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))
-    for path in leftover:
-        path.unlink(missing_ok=True)
+    try:
+        proc = run_to_end(cmd, timeout=timeout, cwd=ROOT, env=env)
+    finally:
+        # DeepSpeed's CPU shm allreduce segments of this run (~66 MB per rank): the trainer unlinks them after
+        # start-up; whatever a run that failed before that left behind is removed here so RAM does not fill up.
+        leftover = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))
+        for path in leftover:
+            path.unlink(missing_ok=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     if check:
