@@ -11,11 +11,12 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import time
 
 import pytest
 import torch
 
-from conftest import _free_port, read_metrics, write_config, write_ds_config
+from conftest import SAFETY_S, _free_port, read_metrics, write_config, write_ds_config
 from recipe.checkpoint import checkpoint_root, complete_tags, consolidated_state_dict, latest_tag
 
 pytestmark = pytest.mark.multirank
@@ -74,13 +75,19 @@ def _run(tmp_path, name, config, ds, *extra, nan=None, skip_batches=()):
                                              str(logs[rank]))) for rank in range(2)]
     for proc in procs:
         proc.start()
+    deadline = time.monotonic() + SAFETY_S  # a safety net for a hang only: the ranks' end is what is awaited
     for proc in procs:
-        proc.join(timeout=600)
+        proc.join(max(deadline - time.monotonic(), 0))
     codes = [proc.exitcode for proc in procs]
     for proc in procs:
         if proc.is_alive():
             proc.kill()
-    return run_dir, codes, [log.read_text() for log in logs]
+            proc.join()
+    outputs = [log.read_text() if log.is_file() else "" for log in logs]
+    if None in codes:
+        pytest.fail(f"{name}: ranks still running after {SAFETY_S} s (killed), exit codes {codes}:\n"
+                    + "\n".join(out[-3000:] for out in outputs))
+    return run_dir, codes, outputs
 
 
 def _final_weights(run_dir):

@@ -120,14 +120,15 @@ def test_generation_is_deterministic_and_layout_free(tiny_data, tmp_path):
 
 @pytest.mark.multirank
 def test_compare_trains_both_and_plots(tiny_data, tmp_path):
-    import subprocess
     import sys
+
+    from conftest import run_to_end
 
     out = tmp_path / "compare"
     overrides = [f"data.path={str(tiny_data)!r}", "model.vocab_size=320", "data.seq_len=32", "train.steps=2",
                  "train.eval_every=1", "train.eval_batches=1", "train.log_every=1", "train.wandb='disabled'"]
     cmd = [sys.executable, "-m", "recipe.compare", "--out", str(out)] + [a for o in overrides for a in ("--set", o)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_to_end(cmd, cwd=ROOT)  # two trainings through launch/train.sh; a hang fails after SAFETY_S
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "compare.json").read_text())
     assert set(result) == {"moe", "dense"}

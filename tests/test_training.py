@@ -121,20 +121,35 @@ def test_two_nodes_on_loopback(tiny_data, tmp_path):
     import os
     import subprocess
     import sys
+    import time
 
-    from conftest import _free_port
+    from conftest import SAFETY_S, _free_port, _kill_group
 
     config = write_config(tmp_path / "cfg.py", tiny_data)
     ds = write_ds_config(tmp_path / "ds.json", moe_recipe={"ep_size": 2})
     port = str(_free_port())
-    procs = []
-    for node_rank in range(2):
-        cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nnodes", "2", "--node_rank", str(node_rank), "--nproc", "1",
-               "--master_addr", "127.0.0.1", "--master_port", port, "--config", str(config), "--ds_config", str(ds),
-               "--run_dir", str(tmp_path / "run"), "--python", sys.executable]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    procs, logs = [], [tmp_path / f"node{node_rank}.log" for node_rank in range(2)]
+    try:
+        for node_rank, log in enumerate(logs):
+            cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nnodes", "2", "--node_rank", str(node_rank), "--nproc",
+                   "1", "--master_addr", "127.0.0.1", "--master_port", port, "--config", str(config), "--ds_config",
+                   str(ds), "--run_dir", str(tmp_path / "run"), "--python", sys.executable]
+            # Output to files: a pipe read only after the other node's ends could fill up and stall both nodes.
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                              start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        deadline = time.monotonic() + SAFETY_S  # a safety net for a hang only: both launches' end is awaited
+        for p in procs:
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the two launches were still running after {SAFETY_S} s (killed):\n"
+                            + "\n".join(log.read_text()[-3000:] for log in logs))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill_group(p)
+    outputs = [log.read_text() for log in logs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     records, _ = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3]
