@@ -120,8 +120,8 @@ def test_kill_at_random_moments_never_loses_a_checkpoint(tiny_data, tmp_path):
     kill = 0
     while kill < KILLS:
         resume = latest_tag(run_dir) is not None
-        log = tmp_path / f"trainer{attempt}.log"
         attempt += 1
+        log = tmp_path / f"trainer{attempt}.log"
         watch = Watch(run_dir, step_s, save_s)
         proc = ctx.Process(target=_train, args=(config, ds, run_dir, resume, _free_port(), str(log)))
         proc.start()
