@@ -11,7 +11,7 @@ from recipe.config import config_from_dict
 from recipe.metrics import expert_load_heatmap, flatten
 from recipe.model.moe import top_k_gating
 from recipe.model.transformer import TransformerLM
-from recipe.train import RoutingTally
+from recipe.training.telemetry import RoutingTally
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
