@@ -176,10 +176,15 @@ def test_trainer_rejects_before_starting(tiny_data, tmp_path, capsys, monkeypatc
     assert code == 2 and "fewer than one global micro-batch" in err
     code, err = _run_main(tmp_path, tiny_data, capsys, "--resume")
     assert code == 2 and "no complete checkpoint" in err
-    (tmp_path / "run" / "checkpoints" / "step00000001").mkdir(parents=True)
+    interrupted = tmp_path / "run" / "checkpoints" / "step00000001"
+    interrupted.mkdir(parents=True)  # a run killed in its first save: neither resumable nor to be overwritten
+    for extra in ((), ("--resume",)):
+        code, err = _run_main(tmp_path, tiny_data, capsys, *extra)
+        assert code == 2 and "holds only interrupted saves (step00000001)" in err and "delete" in err, err
+    (interrupted / "COMPLETE").write_text("step00000001\n")
     code, err = _run_main(tmp_path, tiny_data, capsys)
     assert code == 2 and "already holds checkpoints; pass --resume" in err
-    assert (tmp_path / "run" / "checkpoints" / "step00000001").is_dir()  # nothing was overwritten
+    assert interrupted.is_dir()  # nothing was overwritten
 
 
 def test_unknown_cli_flag_is_a_clear_error(capsys):

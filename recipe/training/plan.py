@@ -43,6 +43,8 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         return RunPlan(config=config, ds=ds, run_dir=run_dir, world_size=world_size)
     tag = latest_tag(run_dir)
     if tag is None:
+        if _interrupted_saves(run_dir):
+            raise ConfigError(_only_interrupted(run_dir))
         raise ConfigError(f"--resume: no complete checkpoint in {checkpoint_root(run_dir)}; "
                           f"train without --resume first")
     problem = resume_problem(run_dir, tag)  # files missing or changed size since the checkpoint was committed
@@ -88,8 +90,25 @@ def _check_data(config: RecipeConfig, ds: DSConfig, world_size: int) -> TokenDat
     return train_data
 
 
+def _interrupted_saves(run_dir: Path) -> list[str]:
+    """Checkpoint folders of saves that never completed, when the run has no complete checkpoint at all."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir() or latest_tag(run_dir) is not None:
+        return []
+    return sorted(p.name for p in root.glob("step*") if p.is_dir())
+
+
+def _only_interrupted(run_dir: Path) -> str:
+    # A run killed during its first save: neither --resume nor a fresh start may touch it without the user.
+    return (f"{checkpoint_root(run_dir)} holds only interrupted saves ({', '.join(_interrupted_saves(run_dir))}) "
+            f"and no complete checkpoint, so there is nothing to resume; delete {checkpoint_root(run_dir)} to train "
+            f"anew in {run_dir}, or choose another --run_dir (nothing was overwritten)")
+
+
 def _check_fresh_start(run_dir: Path, reshard: bool) -> None:
     root = checkpoint_root(run_dir)
+    if _interrupted_saves(run_dir):
+        raise ConfigError(_only_interrupted(run_dir))
     if root.is_dir() and any(root.iterdir()):
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another "
                           f"--run_dir (nothing was overwritten)")
