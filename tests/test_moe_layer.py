@@ -304,8 +304,9 @@ def _fail_if_called(*args, **kwargs):
 def test_forward_does_not_recheck_the_options(monkeypatch):
     """Options are checked once, at construction: forward must not go through the argument checks."""
     moe = MoE(16, 4, k=2, intermediate_size=32, noisy_gate_policy="RSample", second_expert_policy="sampling")
+    monkeypatch.setattr(gating, "check_gating_options", _fail_if_called)
     for module in (gating, layer):
-        monkeypatch.setattr(module, "check_gating_options", _fail_if_called)
+        monkeypatch.setattr(module, "check_routing_policies", _fail_if_called)
     monkeypatch.setattr(gating, "check_gating_inputs", _fail_if_called)
     out = moe(torch.randn(2, 5, 16))
     assert out.output.shape == (2, 5, 16)

@@ -312,13 +312,20 @@ def check_gating_options(
     noisy_gate_policy: NoisyGatePolicy,
     second_expert_policy: SecondExpertPolicy,
 ) -> None:
-    """ValueError for a gating option out of range; they are fixed per layer, so the layer checks them once."""
+    """ValueError for a gating option out of range (``top_k_gating``'s checks; the layer checks its own k and
+    capacity factors, and the policies through ``check_routing_policies``, once when it is built)."""
     if k not in (1, 2):
         raise ValueError(f"k (moe_gate_k) must be 1 or 2 for GShard gating, got {k}")
     if k > num_experts:
         raise ValueError(f"k={k} exceeds the number of experts {num_experts}; lower moe_gate_k or add experts")
     if not capacity_factor > 0:
         raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    check_routing_policies(min_capacity, noisy_gate_policy, second_expert_policy)
+
+
+def check_routing_policies(min_capacity: int, noisy_gate_policy: NoisyGatePolicy,
+                           second_expert_policy: SecondExpertPolicy) -> None:
+    """ValueError for ``min_capacity`` or a noise / second-expert policy out of range."""
     if min_capacity < 0:
         raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
     if noisy_gate_policy not in NOISY_GATE_POLICIES:

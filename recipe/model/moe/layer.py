@@ -21,7 +21,7 @@ from torch import nn
 from ...config import NoisyGatePolicy, SecondExpertPolicy
 from .dispatch import LocalDispatcher, expert_parallel_dispatcher
 from .experts import build_experts
-from .gating import (GateOutput, check_gating_options, check_token_mask, get_gate, load_balancing_loss,
+from .gating import (GateOutput, check_routing_policies, check_token_mask, get_gate, load_balancing_loss,
                      local_balancing_loss)
 
 
@@ -97,8 +97,7 @@ def _check_layer_options(
     for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
-    # The rest of what the gate needs (min_capacity, the policies); k and cf pass, checked above.
-    check_gating_options(k, num_experts, capacity_factor, min_capacity, noisy_gate_policy, second_expert_policy)
+    check_routing_policies(min_capacity, noisy_gate_policy, second_expert_policy)
 
 
 class MoE(DeepSpeedMoE):
