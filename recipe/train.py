@@ -73,8 +73,8 @@ def train(plan: RunPlan, samples: int = 0) -> int:
     metrics = MetricsWriter(plan.run_dir, ranks.is_main, monitor=job.engine.monitor, wandb_mode=config.train.wandb,
                             wandb_project=config.train.wandb_project, run_config=config.to_dict(),
                             resume_step=start_step if config.train.resume else None)
-    routing = RoutingTally(len(job.model.moe_layers()), config.model.num_experts) if job.model.reports_routing else None
-    tally = TrainTally(plan.ds.global_batch_size(ranks.world_size) * config.data.seq_len, start_step, routing)
+    tally = TrainTally(plan.ds.global_batch_size(ranks.world_size) * config.data.seq_len, start_step,
+                       RoutingTally.for_model(job.model))
     console.start_progress(total=steps, initial=start_step)
     console.log(banner(plan, ranks, tally.tokens_per_step, start_step))
     bad_steps, save_due, val_loss = 0, False, float("nan")

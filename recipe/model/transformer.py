@@ -149,6 +149,12 @@ class TransformerLM(nn.Module):
         return [block.ffn for block in self.blocks if block.is_moe]
 
     @property
+    def num_local_experts(self) -> int:
+        """Experts each MoE layer holds on this rank (every layer has the same ep_size); 1 for dense models."""
+        layers = self.moe_layers()
+        return layers[0].num_local_experts if layers else 1
+
+    @property
     def reports_routing(self) -> bool:
         """Whether ``forward`` returns routing telemetry (``LMOutput.routing``): only our MoE layer does."""
         return any(isinstance(layer, MoE) for layer in self.moe_layers())
@@ -164,8 +170,7 @@ class TransformerLM(nn.Module):
         """
         m = self.config.model
         residual_std = m.init_std / math.sqrt(2 * m.num_layers)
-        moe_layers = self.moe_layers()
-        num_local = moe_layers[0].num_local_experts if moe_layers else 1  # every layer has the same ep_size
+        num_local = self.num_local_experts
         for name, tensor in self.state_dict(keep_vars=True).items():
             if name.endswith("norm.weight"):
                 tensor.fill_(1.0)

@@ -15,7 +15,7 @@ from ..model.transformer import TransformerLM
 from .checkpointing import ReshardSource, load_resharded_weights, read_reshard_source
 from .distributed import Ranks
 from .plan import RunPlan
-from .step import needs_own_grad_check
+from .step import add_own_grad_check
 
 
 @dataclass
@@ -33,11 +33,6 @@ class Job:
     def device(self) -> torch.device:
         return self.engine.device
 
-    @property
-    def num_local_experts(self) -> int:
-        layers = self.model.moe_layers()
-        return layers[0].num_local_experts if layers else 1
-
 
 def build_job(plan: RunPlan, ranks: Ranks) -> Job:
     config, ds = plan.config, plan.ds
@@ -54,7 +49,7 @@ def build_job(plan: RunPlan, ranks: Ranks) -> Job:
                          seed=config.data.seed)
     return Job(model=model, engine=engine, scheduler=scheduler, loader=loader,
                val_data=TokenDataset(Path(config.data.path), "val"), ep_rank=ep_rank,
-               own_grad_check=needs_own_grad_check(engine.optimizer), reshard_source=source)
+               own_grad_check=add_own_grad_check(engine.optimizer), reshard_source=source)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

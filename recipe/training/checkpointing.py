@@ -41,8 +41,7 @@ def read_reshard_source(plan: RunPlan) -> ReshardSource:
 
 
 def load_resharded_weights(model: TransformerLM, source: ReshardSource, ep_rank: int) -> None:
-    layers = model.moe_layers()
-    model.load_state_dict(shard_experts(source.weights, ep_rank, layers[0].num_local_experts if layers else 1))
+    model.load_state_dict(shard_experts(source.weights, ep_rank, model.num_local_experts))
 
 
 def start_or_resume(plan: RunPlan, job: Job, ranks: Ranks, log: Log) -> Optional[int]:
@@ -112,7 +111,7 @@ def resume_resharded(plan: RunPlan, job: Job, log: Log) -> int:
     start_step = job.engine.global_steps = own.step
     try:
         moved = read_optimizer_state(checkpoint_root(plan.run_dir) / tag, source.weights, plan.config.model.num_experts)
-        load_optimizer_state(job.engine, moved, job.ep_rank, job.num_local_experts)
+        load_optimizer_state(job.engine, moved, job.ep_rank, job.model.num_local_experts)
         carried = "fp32 master weights, Adam moments, "
     except ReshardError as exc:  # the weights are in place already; only the moments are lost
         carried = ""

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def evaluate(plan: RunPlan, job: Job, ranks: Ranks, step: int) -> dict:
     """The eval record of ``step`` for metrics.jsonl (``val_loss``, ``val_ppl``, the heatmap's file name)."""
     config, engine = plan.config, job.engine
-    tally = RoutingTally(len(job.model.moe_layers()), config.model.num_experts) if job.model.reports_routing else None
+    tally = RoutingTally.for_model(job.model)
     totals = torch.zeros(2, dtype=torch.float64)  # summed token losses, tokens
     engine.eval()
     with torch.no_grad():

@@ -35,8 +35,9 @@ class StepOutcome:
     non_finite_loss: bool  # why: a loss (True) or only the gradients (False) were non-finite
 
 
-def needs_own_grad_check(optimizer) -> bool:
-    """True for an optimizer without DeepSpeed's overflow check (a plain torch one); it is given the flag."""
+def add_own_grad_check(optimizer) -> bool:
+    """True for an optimizer without DeepSpeed's overflow check (a plain torch one), which is given the
+    ``overflow`` flag here: the recipe then checks its gradients itself (``grads_finite``)."""
     if hasattr(optimizer, "overflow"):
         return False
     optimizer.overflow = False

@@ -14,7 +14,7 @@ import torch
 from deepspeed.utils import logger as ds_logger
 from tqdm import tqdm
 
-from ..model.transformer import LMOutput
+from ..model.transformer import LMOutput, TransformerLM
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # a sum over ranks
 
@@ -88,6 +88,13 @@ class RoutingTally:
         self.first_choice = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.figures = torch.zeros(num_layers, 4, dtype=torch.float64)  # tokens, pairs, entropy·tokens, l_aux
         self.calls = 0
+
+    @classmethod
+    def for_model(cls, model: TransformerLM) -> Optional["RoutingTally"]:
+        """A tally for every MoE layer of ``model``; None for models that report no routing."""
+        if not model.reports_routing:
+            return None
+        return cls(len(model.moe_layers()), model.config.model.num_experts)
 
     def add(self, routing, l_aux_per_layer) -> None:
         for layer, (stats, l_aux) in enumerate(zip(routing, l_aux_per_layer)):
