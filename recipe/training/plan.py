@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import checkpoint_root, latest_tag, load_recipe_state, resume_problem
+from ..checkpoint import checkpoint_root, complete_tags, latest_tag, load_recipe_state, resume_problem
 from ..config import ConfigError, RecipeConfig, config_from_saved, load_config
 from ..data.loader import TokenDataset
 from ..ds_config import DSConfig, read_ds_config, resolve_ds_config
@@ -93,7 +93,7 @@ def _check_data(config: RecipeConfig, ds: DSConfig, world_size: int) -> TokenDat
 def _interrupted_saves(run_dir: Path) -> list[str]:
     """Checkpoint folders of saves that never completed, when the run has no complete checkpoint at all."""
     root = checkpoint_root(run_dir)
-    if not root.is_dir() or latest_tag(run_dir) is not None:
+    if not root.is_dir() or complete_tags(run_dir):
         return []
     return sorted(p.name for p in root.glob("step*") if p.is_dir())
 
