@@ -73,14 +73,13 @@ def _remove_leaked_shm_segments():
             pass
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """A prepared folder (tokenizer vocab 320, uint16 shards) from 40 synthetic documents."""
+def prepare_tiny_corpus(root: Path) -> Path:
+    """``root/prepared``: tokenizer (vocab 320) and uint16 shards of 40 synthetic documents written to
+    ``root/docs``; the same bytes every time (tests/fixtures/make_old_checkpoint.py relies on it too)."""
     from recipe.data.prepare import prepare_dataset
 
-    root = tmp_path_factory.mktemp("tiny_corpus")
     source = root / "docs"
-    source.mkdir()
+    source.mkdir(parents=True)
     rng = random.Random(0)
     for i in range(40):
         sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
@@ -89,6 +88,12 @@ def tiny_data(tmp_path_factory) -> Path:
     out = root / "prepared"
     prepare_dataset(source, out, vocab_size=320, val_every=5, seed=0, verbose=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared folder (tokenizer vocab 320, uint16 shards) from 40 synthetic documents."""
+    return prepare_tiny_corpus(tmp_path_factory.mktemp("tiny_corpus"))
 
 
 TINY_MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=320, max_seq_len=32,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAFETY_S, _free_port, launch, read_metrics, write_config, write_ds_config
+from conftest import ROOT, SAFETY_S, _free_port, _kill_group, launch, read_metrics, write_config, write_ds_config
 from recipe.checkpoint import checkpoint_root, consolidated_state_dict, latest_tag, resume_problem
 
 pytestmark = pytest.mark.multirank
@@ -80,8 +80,7 @@ def test_a_killed_rank_ends_the_launch_and_the_newest_checkpoint_resumes(tiny_da
             pytest.fail(f"the launch did not end within {SAFETY_S} s after one of its ranks was killed")
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_group(proc)
         for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             path.unlink(missing_ok=True)
     err = err_path.read_text()
