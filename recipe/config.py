@@ -34,6 +34,11 @@ SecondExpertPolicy = Literal["argmax", "sampling"]
 # (deepspeed.moe.layer.MoE with our SwiGLU expert), the baseline of the end-to-end benchmark
 # (bench/e2e_bench.py). "deepspeed" reports no routing telemetry (no expert-load heatmaps).
 MoEImpl = Literal["recipe", "deepspeed"]
+# Routing (recipe/model/moe/gating.py has each option's formula and the models that use it).
+ScoreFunction = Literal["softmax", "sigmoid"]  # router scores: softmax over experts, or per-expert sigmoid (DeepSeek-V3)
+CapacityPriority = Literal["choice", "position", "probs"]  # who is kept when an expert overflows
+BalanceLoss = Literal["gshard", "switch", "sequence"]  # the balancing loss l_aux
+QKNorm = Literal["none", "head", "full"]  # RMSNorm on q and k: off, per head (Qwen3-MoE), over all heads (OLMoE)
 WandbMode = Literal["offline", "online", "disabled"]  # "offline" needs no account or network
 
 
@@ -41,16 +46,28 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names the key and the fix."""
 
 
+# Keys of other model families that the recipe does not compute: refused by name, never ignored.
+UNSUPPORTED_MODEL_KEYS = {
+    key: "MLA attention (DeepSeek-V2/V3 low-rank q/kv projections) is not supported; drop the key to use "
+         "standard attention with num_key_value_heads and head_dim"
+    for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "mla")
+}
+
+
 @dataclass
 class ModelConfig:
     num_layers: int = 4
     hidden_size: int = 128
     num_attention_heads: int = 4
+    num_key_value_heads: Optional[int] = None  # GQA / MQA; None = num_attention_heads (multi-head attention)
+    head_dim: Optional[int] = None  # width of one head; None = hidden_size // num_attention_heads
+    qk_norm: QKNorm = "none"
+    qkv_bias: bool = False  # bias on the q, k, v projections (Qwen2)
     vocab_size: int = 4096
     max_seq_len: int = 256
     mlp_ratio: float = 8 / 3  # FFN width = mlp_ratio·hidden_size, rounded up to multiple_of (InternEvo)
     multiple_of: int = 32
-    intermediate_size: Optional[int] = None  # set explicitly to override mlp_ratio
+    intermediate_size: Optional[int] = None  # set explicitly to override mlp_ratio (dense FFN width)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
@@ -59,7 +76,9 @@ class ModelConfig:
     # MoE (ignored by dense model types)
     num_experts: int = 8
     moe_gate_k: int = 2
+    moe_intermediate_size: Optional[int] = None  # width F of each routed expert; None = the dense FFN width
     moe_layer_freq: int = 1  # every n-th block (counting from the last) gets an MoE FFN
+    moe_dense_first_layers: int = 0  # the first n blocks keep a dense FFN (DeepSeek's first_k_dense_replace)
     moe_capacity_factor: float = 1.25
     moe_eval_capacity_factor: float = 2.0
     moe_min_capacity: int = 4
@@ -67,7 +86,18 @@ class ModelConfig:
     moe_noisy_gate_policy: NoisyGatePolicy = None
     moe_use_rts: bool = False
     moe_second_expert_policy: SecondExpertPolicy = "argmax"
+    # Routing beyond GShard top-1/top-2 (defaults keep GShard's semantics)
+    moe_score_function: ScoreFunction = "softmax"
+    moe_norm_topk_prob: Optional[bool] = None  # True: over the k chosen; False: raw scores; None: over survivors
+    moe_route_scale: float = 1.0  # combine weights times this (DeepSeek-V3: 2.5)
+    moe_capacity_priority: CapacityPriority = "choice"
+    moe_balance_loss: BalanceLoss = "gshard"
+    moe_bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) step size u; 0 = off
+    moe_num_expert_groups: int = 1  # group-limited routing (DeepSeek-V2/V3): experts in this many groups,
+    moe_topk_groups: int = 1  # of which each token may choose from the best this many
     moe_num_shared_experts: int = 0  # dense SwiGLU experts every token goes through, beside the routed ones
+    moe_shared_expert_intermediate_size: Optional[int] = None  # width of each shared expert; None = F
+    moe_shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(x·w) (Qwen2-MoE)
     # Registry names, open to user registrations, so not Literals: checked when the layer is built.
     moe_expert: str = "swiglu"
     moe_gate: str = "gshard"
@@ -75,14 +105,30 @@ class ModelConfig:
     moe_impl: MoEImpl = "recipe"
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.num_key_value_heads if self.num_key_value_heads is not None else self.num_attention_heads
 
     @property
     def ffn_size(self) -> int:
+        """The dense FFN width."""
         if self.intermediate_size is not None:
             return self.intermediate_size
         return self.multiple_of * math.ceil(int(self.hidden_size * self.mlp_ratio) / self.multiple_of)
+
+    @property
+    def expert_size(self) -> int:
+        """F, the width of each routed expert."""
+        return self.moe_intermediate_size if self.moe_intermediate_size is not None else self.ffn_size
+
+    @property
+    def shared_expert_size(self) -> int:
+        """The width of all shared experts together (one SwiGLU of that width)."""
+        each = self.moe_shared_expert_intermediate_size
+        return self.moe_num_shared_experts * (each if each is not None else self.expert_size)
 
 
 @dataclass
@@ -128,11 +174,12 @@ class RecipeConfig:
         return self.model_type == "INTERNLM_MoE"
 
     def moe_layer_ids(self) -> list[int]:
-        """Blocks whose FFN is an MoE layer (the last block always is, when the model is MoE)."""
+        """Blocks whose FFN is an MoE layer: every ``moe_layer_freq``-th counting back from the last, after the
+        first ``moe_dense_first_layers`` (the last block always is one, when the model is MoE)."""
         if not self.is_moe:
             return []
-        n, freq = self.model.num_layers, self.model.moe_layer_freq
-        return [i for i in range(n) if (n - 1 - i) % freq == 0]
+        n, freq, first = self.model.num_layers, self.model.moe_layer_freq, self.model.moe_dense_first_layers
+        return [i for i in range(first, n) if (n - 1 - i) % freq == 0]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -201,6 +248,8 @@ def _build_section(cls, values: dict, section: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        if section == "model" and key in UNSUPPORTED_MODEL_KEYS:
+            raise ConfigError(f"`model.{key}`: {UNSUPPORTED_MODEL_KEYS[key]}")
         if key not in hints:
             close = difflib.get_close_matches(key, list(hints), n=1)
             hint = f"; did you mean `{section}.{close[0]}`?" if close else f"; known keys: {', '.join(sorted(hints))}"
@@ -279,34 +328,71 @@ def validate(config: RecipeConfig) -> None:
     m, t, d = config.model, config.train, config.data
     for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len", "multiple_of"):
         _require(getattr(m, name) > 0, f"`model.{name}` must be > 0, got {getattr(m, name)}")
-    _require(m.hidden_size % m.num_attention_heads == 0,
-             f"`model.hidden_size` ({m.hidden_size}) must be divisible by `model.num_attention_heads` "
-             f"({m.num_attention_heads})")
-    _require(m.head_dim % 2 == 0, f"head size {m.head_dim} must be even for rotary embeddings; change hidden_size "
-                                  f"or num_attention_heads")
-    _require(m.intermediate_size is None or m.intermediate_size > 0, "`model.intermediate_size` must be > 0 or None")
+    _validate_attention(m)
+    for name in ("intermediate_size", "moe_intermediate_size", "moe_shared_expert_intermediate_size"):
+        _require(getattr(m, name) is None or getattr(m, name) > 0, f"`model.{name}` must be > 0 or None")
     _require(m.mlp_ratio > 0, f"`model.mlp_ratio` must be > 0, got {m.mlp_ratio}")
     _require(0 < d.seq_len <= m.max_seq_len,
              f"`data.seq_len` ({d.seq_len}) must be in 1..model.max_seq_len ({m.max_seq_len}); "
              f"raise model.max_seq_len or lower data.seq_len")
     if config.is_moe:
-        _require(m.num_experts >= 1, f"`model.num_experts` must be >= 1, got {m.num_experts}")
-        _require(m.moe_gate_k in (1, 2), f"`model.moe_gate_k` must be 1 or 2, got {m.moe_gate_k}")
-        _require(m.moe_gate_k <= m.num_experts,
-                 f"`model.moe_gate_k` ({m.moe_gate_k}) exceeds `model.num_experts` ({m.num_experts}); "
-                 f"lower moe_gate_k or add experts")
-        _require(m.moe_capacity_factor > 0, f"`model.moe_capacity_factor` must be > 0, got {m.moe_capacity_factor}")
-        _require(m.moe_eval_capacity_factor > 0,
-                 f"`model.moe_eval_capacity_factor` must be > 0, got {m.moe_eval_capacity_factor}")
-        _require(m.moe_min_capacity >= 0, f"`model.moe_min_capacity` must be >= 0, got {m.moe_min_capacity}")
-        _require(m.moe_layer_freq >= 1, f"`model.moe_layer_freq` must be >= 1, got {m.moe_layer_freq}")
-        _require(m.moe_num_shared_experts >= 0, "`model.moe_num_shared_experts` must be >= 0")
+        _validate_moe(m)
+        _validate_routing(m)
         if m.moe_impl == "deepspeed":
             _validate_deepspeed_moe(config)
     for name in ("moe_loss_coeff", "router_z_loss_coeff"):
         _require(getattr(config.loss, name) >= 0, f"`loss.{name}` must be >= 0")
     for name in ("steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps"):
         _require(getattr(t, name) > 0, f"`train.{name}` must be > 0, got {getattr(t, name)}")
+
+
+def _validate_attention(m: ModelConfig) -> None:
+    heads, kv_heads = m.num_attention_heads, m.resolved_kv_heads
+    _require(kv_heads > 0 and heads % kv_heads == 0,
+             f"`model.num_key_value_heads` ({kv_heads}) must divide `model.num_attention_heads` ({heads})")
+    if m.head_dim is None:
+        _require(m.hidden_size % heads == 0,
+                 f"`model.hidden_size` ({m.hidden_size}) must be divisible by `model.num_attention_heads` ({heads}), "
+                 f"or set `model.head_dim`")
+    head_dim = m.resolved_head_dim
+    _require(head_dim > 0 and head_dim % 2 == 0,
+             f"head size {head_dim} must be even and > 0 for rotary embeddings; change `model.head_dim`, "
+             f"hidden_size or num_attention_heads")
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    _require(m.num_experts >= 1, f"`model.num_experts` must be >= 1, got {m.num_experts}")
+    _require(m.moe_gate_k >= 1, f"`model.moe_gate_k` must be >= 1, got {m.moe_gate_k}")
+    _require(m.moe_gate_k <= m.num_experts,
+             f"`model.moe_gate_k` ({m.moe_gate_k}) exceeds `model.num_experts` ({m.num_experts}); "
+             f"lower moe_gate_k or add experts")
+    for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
+        _require(getattr(m, name) > 0, f"`model.{name}` must be > 0, got {getattr(m, name)}")
+    _require(m.moe_min_capacity >= 0, f"`model.moe_min_capacity` must be >= 0, got {m.moe_min_capacity}")
+    _require(m.moe_layer_freq >= 1, f"`model.moe_layer_freq` must be >= 1, got {m.moe_layer_freq}")
+    _require(0 <= m.moe_dense_first_layers < m.num_layers,
+             f"`model.moe_dense_first_layers` ({m.moe_dense_first_layers}) must be in 0..num_layers-1 "
+             f"({m.num_layers - 1}); use model_type='INTERNLM' for a dense model")
+    _require(m.moe_num_shared_experts >= 0, "`model.moe_num_shared_experts` must be >= 0")
+    _require(not m.moe_shared_expert_gate or m.moe_num_shared_experts > 0,
+             "`model.moe_shared_expert_gate=True` needs a shared expert; set model.moe_num_shared_experts >= 1")
+
+
+def _validate_routing(m: ModelConfig) -> None:
+    """The routing options' ranges and combinations (the layer repeats the range checks for direct users)."""
+    k, experts, groups = m.moe_gate_k, m.num_experts, m.moe_num_expert_groups
+    _require(m.moe_route_scale > 0, f"`model.moe_route_scale` must be > 0, got {m.moe_route_scale}")
+    _require(m.moe_bias_update_rate >= 0, f"`model.moe_bias_update_rate` must be >= 0 (0 = off)")
+    _require(groups >= 1 and experts % groups == 0,
+             f"`model.moe_num_expert_groups` ({groups}) must divide `model.num_experts` ({experts})")
+    _require(1 <= m.moe_topk_groups <= groups,
+             f"`model.moe_topk_groups` ({m.moe_topk_groups}) must be in 1..moe_num_expert_groups ({groups})")
+    _require(k <= m.moe_topk_groups * (experts // groups),
+             f"`model.moe_gate_k` ({k}) exceeds the experts in the best {m.moe_topk_groups} groups "
+             f"({m.moe_topk_groups * (experts // groups)}); raise moe_topk_groups")
+    _require(not (m.moe_use_rts and m.moe_capacity_priority == "probs"),
+             "`model.moe_use_rts=True` with `model.moe_capacity_priority='probs'`: the gate values decide who is "
+             "kept, so a random order has nothing to decide; use 'choice' or 'position', or set moe_use_rts=False")
 
 
 def _validate_deepspeed_moe(config: RecipeConfig) -> None:
@@ -318,18 +404,38 @@ def _validate_deepspeed_moe(config: RecipeConfig) -> None:
     _require(m.moe_gate == "gshard",
              f"`model.moe_gate={m.moe_gate!r}` {why}: DeepSpeed's layer has its own GShard gate only; "
              f"use moe_impl='recipe' for registered gates")
-    if m.moe_gate_k == 2:
-        # DeepSpeed's top-2 gate ignores both silently.
+    _validate_deepspeed_routing(m, why)
+    if m.moe_gate_k >= 2:
+        # DeepSpeed's top-2 and top-k gates ignore both silently.
         _require(m.moe_noisy_gate_policy is None,
-                 f"`model.moe_noisy_gate_policy={m.moe_noisy_gate_policy!r}` {why}: DeepSpeed's top-2 gate ignores "
-                 f"it; set it to None or use moe_gate_k=1")
-        _require(not m.moe_use_rts, f"`model.moe_use_rts=True` {why}: DeepSpeed's top-2 gate ignores it; set it False")
+                 f"`model.moe_noisy_gate_policy={m.moe_noisy_gate_policy!r}` {why}: DeepSpeed's top-{m.moe_gate_k} gate "
+                 f"ignores it; set it to None or use moe_gate_k=1")
+        _require(not m.moe_use_rts, f"`model.moe_use_rts=True` {why}: DeepSpeed's top-{m.moe_gate_k} gate ignores it; "
+                                    f"set it False")
     _require(not m.moe_balance_over_data_parallel,
              f"`model.moe_balance_over_data_parallel=True` {why}: DeepSpeed computes the balancing loss per rank; "
              f"set model.moe_balance_over_data_parallel=False")
     _require(config.loss.router_z_loss_coeff == 0,
              f"`loss.router_z_loss_coeff={config.loss.router_z_loss_coeff}` {why}: DeepSpeed's layer has no router "
              f"z-loss; set it to 0")
+
+
+def _validate_deepspeed_routing(m: ModelConfig, why: str) -> None:
+    """DeepSpeed's gates: softmax scores, renormalised over survivors, no bias, groups or scale; at k <= 2 GShard's
+    capacity queue and first-choice loss, at k >= 3 (``topkgating``) the 'probs' queue and the all-choices loss."""
+    for key, value, default in (("moe_score_function", m.moe_score_function, "softmax"),
+                                ("moe_norm_topk_prob", m.moe_norm_topk_prob, None),
+                                ("moe_route_scale", m.moe_route_scale, 1.0),
+                                ("moe_bias_update_rate", m.moe_bias_update_rate, 0.0),
+                                ("moe_num_expert_groups", m.moe_num_expert_groups, 1)):
+        _require(value == default, f"`model.{key}={value!r}` {why}: DeepSpeed's gate has no such option; "
+                                   f"set it to {default!r} or use moe_impl='recipe'")
+    gshard = m.moe_gate_k <= 2
+    priority, loss = ("choice", "gshard") if gshard else ("probs", "switch")
+    for key, value, wanted in (("moe_capacity_priority", m.moe_capacity_priority, priority),
+                               ("moe_balance_loss", m.moe_balance_loss, loss)):
+        _require(value == wanted, f"`model.{key}={value!r}` {why}: DeepSpeed's top-{m.moe_gate_k} gate uses "
+                                  f"{wanted!r}; set it, or use moe_impl='recipe'")
 
 
 def parameter_counts(config: RecipeConfig) -> dict[str, int]:

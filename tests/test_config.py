@@ -61,7 +61,13 @@ REJECTED_CONFIGS = [
     ({"model": {"moe_drop_tokens": 1}}, "`model.moe_drop_tokens` must be bool"),
     ({"model": {"num_experts": 2, "moe_gate_k": 2}, "model_type": "INTERNLM_MoE"}, None),  # fine: k == E
     ({"model": {"num_experts": 1, "moe_gate_k": 2}}, "exceeds `model.num_experts`"),
-    ({"model": {"moe_gate_k": 3}}, "`model.moe_gate_k` must be 1 or 2"),
+    ({"model": {"moe_gate_k": 0}}, "`model.moe_gate_k` must be >= 1"),
+    ({"model": {"moe_gate_k": 8, "num_experts": 8}, "model_type": "INTERNLM_MoE"}, None),  # any k <= E
+    ({"model": {"kv_lora_rank": 512}}, "MLA attention"),
+    ({"model": {"num_key_value_heads": 3}}, "must divide `model.num_attention_heads`"),
+    ({"model": {"moe_num_expert_groups": 3}}, "must divide `model.num_experts`"),
+    ({"model": {"moe_use_rts": True, "moe_capacity_priority": "probs"}}, "nothing to decide"),
+    ({"model": {"moe_capacity_priority": "prob"}}, "did you mean 'probs'"),
     ({"model": {"moe_capacity_factor": 0.0}}, "`model.moe_capacity_factor` must be > 0"),
     ({"model": {"moe_eval_capacity_factor": -1.0}}, "`model.moe_eval_capacity_factor` must be > 0"),
     ({"model": {"hidden_size": 100, "num_attention_heads": 3}}, "must be divisible by `model.num_attention_heads`"),

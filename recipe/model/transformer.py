@@ -82,7 +82,7 @@ def moe_layer(config: RecipeConfig, ep_size: int) -> DeepSpeedMoE:
     m = config.model
     if m.moe_impl == "deepspeed":
         return DeepSpeedBaselineMoE(
-            m.hidden_size, m.ffn_size, num_experts=m.num_experts, ep_size=ep_size, k=m.moe_gate_k,
+            m.hidden_size, m.expert_size, num_experts=m.num_experts, ep_size=ep_size, k=m.moe_gate_k,
             capacity_factor=m.moe_capacity_factor, eval_capacity_factor=m.moe_eval_capacity_factor,
             min_capacity=m.moe_min_capacity, noisy_gate_policy=m.moe_noisy_gate_policy, drop_tokens=m.moe_drop_tokens,
             use_rts=m.moe_use_rts, top2_2nd_expert_sampling=m.moe_second_expert_policy == "sampling",
@@ -90,7 +90,7 @@ def moe_layer(config: RecipeConfig, ep_size: int) -> DeepSpeedMoE:
     return MoE(
         m.hidden_size, m.num_experts, k=m.moe_gate_k, capacity_factor=m.moe_capacity_factor,
         eval_capacity_factor=m.moe_eval_capacity_factor, min_capacity=m.moe_min_capacity,
-        drop_tokens=m.moe_drop_tokens, ep_size=ep_size, intermediate_size=m.ffn_size, expert=m.moe_expert,
+        drop_tokens=m.moe_drop_tokens, ep_size=ep_size, intermediate_size=m.expert_size, expert=m.moe_expert,
         gate=m.moe_gate, noisy_gate_policy=m.moe_noisy_gate_policy, use_rts=m.moe_use_rts,
         second_expert_policy=m.moe_second_expert_policy,
         balance_over_data_parallel=m.moe_balance_over_data_parallel,
@@ -111,7 +111,7 @@ class Block(nn.Module):
             if m.moe_num_shared_experts > 0:
                 # Kept outside the MoE module: DeepSpeed's expert checkpoint treats any key there with
                 # "expert" in its name as a routed expert.
-                self.shared_mlp = SwiGLU(m.hidden_size, m.ffn_size * m.moe_num_shared_experts)
+                self.shared_mlp = SwiGLU(m.hidden_size, m.shared_expert_size)
         else:
             self.ffn = SwiGLU(m.hidden_size, m.ffn_size)
 
@@ -140,7 +140,7 @@ class TransformerLM(nn.Module):
         self.lm_head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
         if m.tie_word_embeddings:
             self.lm_head.weight = self.embedding.weight
-        cos, sin = rotary_tables(m.max_seq_len, m.head_dim, m.rope_theta)
+        cos, sin = rotary_tables(m.max_seq_len, m.resolved_head_dim, m.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
