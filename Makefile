@@ -47,8 +47,8 @@ train: install data
 generate: install
 	$(PY) -m recipe.generate --run_dir $(RUN)
 
-# The default MoE and its dense twin (same active parameters per token) on the same tokens and budget:
-# both validation losses and a PNG of the loss curves in runs/compare-<time>/.
+# The default MoE, the fine-grained MoE and their dense twin (same active parameters per token) on the same tokens
+# and budget: the validation losses and a PNG of the loss curves in runs/compare-<time>/.
 compare: install data
 	$(PY) -m recipe.compare --nproc $(NPROC)
 

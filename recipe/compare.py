@@ -1,9 +1,10 @@
-"""MoE vs its dense twin on the same tokens and budget (`make compare`).
+"""The MoEs vs their dense twin on the same tokens and budget (`make compare`).
 
-Trains ``recipe/configs/tiny_moe.py`` and ``recipe/configs/tiny_dense.py`` (equal active parameters per
-token) one after the other through launch/train.sh, on the same data, steps, batch and seed, then prints
-both validation losses and writes ``<out>/moe_vs_dense.png`` (validation and training loss curves) and
-``<out>/compare.json``.
+Trains ``recipe/configs/tiny_moe.py`` (8 experts, top-2), ``recipe/configs/tiny_finegrained.py`` (32 small
+experts, top-4, a shared expert, bias balancing) and ``recipe/configs/tiny_dense.py``, all with the same
+active parameters per token, one after the other through launch/train.sh, on the same data, steps, batch
+and seed, then prints the validation losses and writes ``<out>/moe_vs_dense.png`` (validation and training
+loss curves) and ``<out>/compare.json``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 CONTENDERS = {  # name: (config, ds_config)
     "moe": ("recipe/configs/tiny_moe.py", "ds_configs/zero2_fp32_ep2.json"),
+    "finegrained": ("recipe/configs/tiny_finegrained.py", "ds_configs/zero2_fp32_ep2.json"),
     "dense": ("recipe/configs/tiny_dense.py", "ds_configs/zero2_fp32.json"),
 }
 
@@ -59,12 +61,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="recipe.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="folder for both runs (default runs/compare-<time>)")
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], help="extra overrides given to both runs")
+    parser.add_argument("--set", action="append", default=[], help="extra overrides given to every run")
+    parser.add_argument("--only", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS),
+                        help="train only these (default: all)")
     args = parser.parse_args(argv)
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     curves = {}
-    for name, (config, ds_config) in CONTENDERS.items():
+    for name in args.only:
+        config, ds_config = CONTENDERS[name]
         extra = [item for s in args.set for item in ("--set", s)]
         cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nproc", str(args.nproc), "--config", config,
                "--ds_config", ds_config, "--run_dir", str(out / name), "--python", sys.executable, "--", *extra]
@@ -84,9 +89,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, r in result.items():
         print(f"| {name} | {r['val_loss']:.4f} | {r['tokens_seen']:,} | {r['active_params'] / 1e6:.2f}M | "
               f"{r['total_params'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | {r['wall_s']:.0f} |")
-    delta = result["dense"]["val_loss"] - result["moe"]["val_loss"]
-    print(f"\nMoE minus dense validation loss: {-delta:+.4f} nats ({'MoE better' if delta > 0 else 'dense better'});"
-          f" curves in {png}")
+    for name in [n for n in result if n != "dense" and "dense" in result]:
+        delta = result[name]["val_loss"] - result["dense"]["val_loss"]
+        print(f"{name} minus dense validation loss: {delta:+.4f} nats "
+              f"({name + ' better' if delta < 0 else 'dense better'})")
+    print(f"curves in {png}")
     return 0
 
 
