@@ -197,7 +197,7 @@ def test_zero_tokens():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(k=3), "k"),
+        (dict(k=0), "k"),  # k=3 of 4 experts is valid since general top-k (issue 12)
         (dict(k=2, capacity_factor=0.0), "capacity_factor"),
         (dict(k=1, capacity_factor=-1.0), "capacity_factor"),
         (dict(k=1, noisy_gate_policy="Gaussian"), "noisy_gate_policy"),
