@@ -439,27 +439,29 @@ def _validate_deepspeed_routing(m: ModelConfig, why: str) -> None:
 
 
 def parameter_counts(config: RecipeConfig) -> dict[str, int]:
-    """Total parameters and parameters active per token (routed experts count k of E), whole model."""
+    """Total parameters and parameters active per token (routed experts count k of E), whole model; exactly
+    ``sum(p.numel() for p in TransformerLM(config).parameters())`` for the total (tests hold it to that)."""
     m = config.model
-    d, f = m.hidden_size, m.ffn_size
+    d, heads, kv_heads, head_dim = m.hidden_size, m.num_attention_heads, m.resolved_kv_heads, m.resolved_head_dim
+    qkv_rows = (heads + 2 * kv_heads) * head_dim  # the fused wqkv: [q: H·D; k: KV·D; v: KV·D]
+    attention = d * qkv_rows + heads * head_dim * d + (qkv_rows if m.qkv_bias else 0)
+    attention += {"none": 0, "head": 2 * head_dim, "full": (heads + kv_heads) * head_dim}[m.qk_norm]  # q_norm, k_norm
+    norms = 2 * d  # attention_norm, ffn_norm
     embed = m.vocab_size * d
     head = 0 if m.tie_word_embeddings else m.vocab_size * d
-    attention = 4 * d * d
-    norms = 2 * d
-    swiglu = 3 * d * f
     total = active = embed + head + d  # + final norm
     moe_layers = set(config.moe_layer_ids())
     for layer in range(m.num_layers):
         total += attention + norms
         active += attention + norms
         if layer in moe_layers:
-            shared = m.moe_num_shared_experts * swiglu
-            router = d * m.num_experts
-            total += m.num_experts * swiglu + shared + router
-            active += m.moe_gate_k * swiglu + shared + router
+            expert = 3 * d * m.expert_size  # one SwiGLU expert: w1, w3 (F, M), w2 (M, F)
+            always = d * m.num_experts + 3 * d * m.shared_expert_size + (d if m.moe_shared_expert_gate else 0)
+            total += m.num_experts * expert + always  # router, shared experts and their gate: every token
+            active += m.moe_gate_k * expert + always
         else:
-            total += swiglu
-            active += swiglu
+            total += 3 * d * m.ffn_size
+            active += 3 * d * m.ffn_size
     return {"total": total, "active": active}
 
 

@@ -28,11 +28,26 @@ def test_dense_twin_has_the_same_active_parameters():
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.tie_word_embeddings=True", "model.moe_layer_freq=2",
-                                            "model.moe_num_shared_experts=1"]])
+                                            "model.moe_num_shared_experts=1"],
+                                       ["model.num_key_value_heads=2"],  # GQA
+                                       ["model.num_key_value_heads=1", "model.head_dim=48"],  # MQA, H·D != C
+                                       ["model.qk_norm=head"], ["model.qk_norm=full", "model.num_key_value_heads=2"],
+                                       ["model.qkv_bias=True"],
+                                       ["model.moe_intermediate_size=96"],
+                                       ["model.moe_num_shared_experts=2", "model.moe_shared_expert_intermediate_size=40",
+                                        "model.moe_shared_expert_gate=True"],
+                                       ["model.moe_dense_first_layers=2"],
+                                       ["model.intermediate_size=200", "model.moe_intermediate_size=64",
+                                        "model.moe_dense_first_layers=1", "model.moe_layer_freq=2"]])
 def test_parameter_count_matches_an_instantiated_model(overrides):
     config = load_config(ROOT / "recipe/configs/tiny_moe.py", overrides)
     model = TransformerLM(config)
     assert parameter_counts(config)["total"] == sum(p.numel() for p in model.parameters())
+    # Active: all but the (E - k) / E of each MoE layer's routed expert weights that a token skips.
+    m = config.model
+    routed = sum(p.numel() for name, p in model.named_parameters() if ".deepspeed_moe.experts." in name)
+    skipped = routed * (m.num_experts - m.moe_gate_k) // m.num_experts
+    assert parameter_counts(config)["active"] == sum(p.numel() for p in model.parameters()) - skipped
 
 
 def test_7b_moe_config_parameter_count():

@@ -101,3 +101,55 @@ def test_sequence_longer_than_max_rejected_and_padding_targets_ignored():
     out = model(tokens, targets)
     expected = F.cross_entropy(out.logits[0, :4], targets[0, :4])
     torch.testing.assert_close(out.lm_loss, expected)
+
+
+def test_shared_expert_gate_scales_the_shared_output():
+    """Qwen2-MoE's gate: block output = x' + routed(h) + sigmoid(h·w_gate) · shared(h), all shared experts in one
+    SwiGLU of their summed width; no state-dict key outside the MoE module names an expert."""
+    config = small(model=dict(moe_num_shared_experts=2, moe_shared_expert_intermediate_size=24,
+                              moe_shared_expert_gate=True))
+    model = TransformerLM(config).eval()
+    model.init_weights(seed=2)
+    block = model.blocks[0]
+    assert block.shared_mlp.w1.weight.shape == (48, 32) and block.shared_gate.weight.shape == (1, 32)
+    assert not [k for k in model.state_dict() if "expert" in k and ".ffn." not in k]
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
+    cos, sin = model.rope_cos[:6], model.rope_sin[:6]
+    with torch.no_grad():
+        after_attention = x + block.attention(block.attention_norm(x), cos, sin)
+        h = block.ffn_norm(after_attention)
+        routed = block.ffn(h, None)[0]
+        expected = after_attention + routed + torch.sigmoid(block.shared_gate(h)) * block.shared_mlp(h)
+        torch.testing.assert_close(block(x, cos, sin, None)[0], expected)
+        ungated = after_attention + routed + block.shared_mlp(h)
+        assert not torch.allclose(expected, ungated)
+
+
+def test_init_of_attention_options():
+    """q/k norm gains start at 1, q/k/v biases at 0; every other weight is the draw the plain model makes."""
+    plain = TransformerLM(small())
+    plain.init_weights(seed=4)
+    options = TransformerLM(small(model=dict(qk_norm="head", qkv_bias=True)))
+    options.init_weights(seed=4)
+    state, plain_state = options.state_dict(), plain.state_dict()
+    added = set(state) - set(plain_state)
+    assert added == {f"blocks.{i}.attention.{name}" for i in range(4)
+                     for name in ("q_norm.weight", "k_norm.weight", "wqkv.bias")}
+    assert all(torch.all(state[k] == (0 if k.endswith(".bias") else 1)) for k in added)
+    assert all(torch.equal(state[k], v) for k, v in plain_state.items())
+    assert not [k for k in plain_state if k.endswith(".bias")]  # so zeroing biases leaves older runs' init alone
+
+
+def test_grouped_query_attention_model_trains_and_ignores_the_future():
+    model = TransformerLM(small(model=dict(num_attention_heads=4, num_key_value_heads=1, head_dim=12)))
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    changed = tokens.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 64
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits[:, :8], model(changed).logits[:, :8])
+    model.train()
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    out.lm_loss.backward()
+    assert all(p.grad is not None for p in model.parameters())

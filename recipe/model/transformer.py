@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
-from ..config import RecipeConfig
+from ..config import QKNorm, RecipeConfig
 from .expert_keys import local_to_global
 from .moe import DeepSpeedBaselineMoE, MoE, RoutingStats, SwiGLU
 
@@ -61,18 +61,49 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int):
+    """Causal self-attention with rotary positions: multi-head, grouped-query (GQA) or multi-query (MQA).
+
+    H query heads and KV key/value heads of width D; query head h attends with kv head h // (H/KV) (the
+    grouping of HF's ``repeat_kv``). ``wqkv`` fuses the projections, rows [q: H·D; k: KV·D; v: KV·D], so a
+    checkpoint from before GQA (KV = H, D = C/H, no bias) loads unchanged; ``wo`` maps H·D back to C.
+    ``qk_norm`` puts an RMSNorm on q and k before rotary: "head" over each head's D (Qwen3-MoE), "full"
+    over all heads' H·D and KV·D before the head split (OLMoE). ``qkv_bias`` adds biases to q, k, v (Qwen2).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, qk_norm: QKNorm = "none", qkv_bias: bool = False,
+                 norm_eps: float = 1e-5):
         super().__init__()
         self.num_heads = num_heads
-        self.wqkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
-        self.wo = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.qk_norm = qk_norm
+        q_size, kv_size = num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.wqkv = nn.Linear(hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
+        self.wo = nn.Linear(q_size, hidden_size, bias=False)
+        if qk_norm != "none":
+            per_head = qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else q_size, norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else kv_size, norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)  # (B, T, H·D), (B, T, KV·D) twice
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, KV, T, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+        # enable_gqa shares each kv head with its H/KV query heads without copying it (on CPU, tiny-model shapes:
+        # 10-18% faster than repeat_interleave, forward and backward); off for MHA: the pre-GQA kernel call.
+        grouped = self.num_kv_heads != self.num_heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 def moe_layer(config: RecipeConfig, ep_size: int) -> DeepSpeedMoE:
@@ -102,16 +133,21 @@ class Block(nn.Module):
         super().__init__()
         m = config.model
         self.attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
-        self.attention = CausalSelfAttention(m.hidden_size, m.num_attention_heads)
+        self.attention = CausalSelfAttention(
+            m.hidden_size, m.num_attention_heads, num_kv_heads=m.resolved_kv_heads, head_dim=m.resolved_head_dim,
+            qk_norm=m.qk_norm, qkv_bias=m.qkv_bias, norm_eps=m.norm_eps)
         self.ffn_norm = RMSNorm(m.hidden_size, m.norm_eps)
         self.shared_mlp = None
+        self.shared_gate = None
         self.is_moe = use_moe
         if use_moe:
             self.ffn = moe_layer(config, ep_size)
             if m.moe_num_shared_experts > 0:
                 # Kept outside the MoE module: DeepSpeed's expert checkpoint treats any key there with
-                # "expert" in its name as a routed expert.
+                # "expert" in its name as a routed expert. All shared experts are one SwiGLU of their summed width.
                 self.shared_mlp = SwiGLU(m.hidden_size, m.shared_expert_size)
+            if m.moe_shared_expert_gate:  # Qwen2-MoE: shared output · sigmoid(h·w), w (1, M)
+                self.shared_gate = nn.Linear(m.hidden_size, 1, bias=False)
         else:
             self.ffn = SwiGLU(m.hidden_size, m.ffn_size)
 
@@ -124,7 +160,10 @@ class Block(nn.Module):
             zero = x.new_zeros((), dtype=torch.float32)
             out, l_aux, z_loss, stats = self.ffn(h), zero, zero, None
         if self.shared_mlp is not None:
-            out = out + self.shared_mlp(h)
+            shared = self.shared_mlp(h)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(h)) * shared
+            out = out + shared
         return x + out, l_aux, z_loss, stats
 
 
@@ -166,7 +205,8 @@ class TransformerLM(nn.Module):
         Expert weights are keyed by their global expert id, so a model split over any number of
         expert-parallel ranks starts from exactly the weights of the unsplit model.
         Normal(0, init_std) everywhere, scaled by 1/sqrt(2·num_layers) on the projections that write
-        into the residual stream (attention ``wo``, FFN ``w2``); RMSNorm weights are 1.
+        into the residual stream (attention ``wo``, FFN ``w2``); RMSNorm weights (q_norm, k_norm too) are 1,
+        biases (``qkv_bias``) are 0.
         """
         m = self.config.model
         residual_std = m.init_std / math.sqrt(2 * m.num_layers)
@@ -174,6 +214,9 @@ class TransformerLM(nn.Module):
         for name, tensor in self.state_dict(keep_vars=True).items():
             if name.endswith("norm.weight"):
                 tensor.fill_(1.0)
+                continue
+            if name.endswith(".bias"):
+                tensor.zero_()
                 continue
             global_name = local_to_global(name, ep_rank, num_local)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
