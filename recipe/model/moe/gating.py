@@ -470,7 +470,8 @@ def combine_weights(gates: torch.Tensor, expert_index: torch.Tensor, kept: torch
     return weight if route_scale == 1.0 else weight * route_scale
 
 
-def choice_counts(expert_index: torch.Tensor, num_experts: int, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def choice_counts(expert_index: torch.Tensor, num_experts: int,
+                  token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(E,) fp32: routed tokens having e among their k choices, before dropping (the expert load)."""
     if token_mask is None:
         return torch.bincount(expert_index.reshape(-1), minlength=num_experts).float()
