@@ -2,6 +2,7 @@
 import os
 import socket
 import tempfile
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -9,7 +10,22 @@ import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.multirank
 
-HIDDEN, EXPERTS, FFN = 16, 4, 24
+HIDDEN = 16
+
+
+class Case(NamedTuple):
+    k: int
+    drop_tokens: bool
+    balance_global: bool
+    routing: str  # "random" or "all_to_rank0"
+    experts: int = 4
+    ffn: int = 24
+    options: tuple = ()  # further MoE keyword arguments, as (name, value) pairs
+
+    @property
+    def name(self) -> str:
+        return (f"k{self.k}-drop{self.drop_tokens}-global{self.balance_global}-{self.routing}"
+                + (f"-E{self.experts}-F{self.ffn}" if self.experts != 4 else ""))
 
 
 def _free_port() -> int:
@@ -18,12 +34,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _build(ep_size, k, drop_tokens, balance_global, seed=0):
+def _build(ep_size, case: Case, seed=0):
     from recipe.model.moe import MoE
 
     torch.manual_seed(seed)
-    return MoE(HIDDEN, EXPERTS, k=k, capacity_factor=1.0, min_capacity=2, drop_tokens=drop_tokens, ep_size=ep_size,
-               intermediate_size=FFN, balance_over_data_parallel=balance_global)
+    return MoE(HIDDEN, case.experts, k=case.k, capacity_factor=1.0, min_capacity=2, drop_tokens=case.drop_tokens,
+               ep_size=ep_size, intermediate_size=case.ffn, balance_over_data_parallel=case.balance_global,
+               **dict(case.options))
 
 
 def _load_slice(sharded, full, ep_rank):
@@ -50,9 +67,9 @@ def _worker(rank, world_size, port, cases, result_dir):
 def _run_case(rank, case, result_path):
     import torch.distributed as dist
 
-    k, drop_tokens, balance_global, routing = case
-    full = _build(1, k, drop_tokens, balance_global)
-    sharded = _build(2, k, drop_tokens, balance_global, seed=123)
+    routing = case.routing
+    full = _build(1, case)
+    sharded = _build(2, case, seed=123)
     sharded.set_deepspeed_parallelism()
     _load_slice(sharded, full, rank)
     if routing == "all_to_rank0":
@@ -81,8 +98,8 @@ def _run_case(rank, case, result_path):
 def _reference(case):
     """One process, all experts. Without token dropping the whole batch is one group; with dropping each
     rank's half is its own group (capacity is per rank), so the reference routes the halves separately."""
-    k, drop_tokens, balance_global, routing = case
-    full = _build(1, k, drop_tokens, balance_global)
+    routing, drop_tokens = case.routing, case.drop_tokens
+    full = _build(1, case)
     if routing == "all_to_rank0":
         with torch.no_grad():
             full.deepspeed_moe.gate.wg.weight.zero_()
@@ -107,11 +124,16 @@ def _reference(case):
 
 
 CASES = [
-    (1, False, True, "random"),
-    (2, False, True, "random"),
-    (1, True, False, "random"),
-    (2, True, False, "random"),
-    (2, False, True, "all_to_rank0"),
+    Case(1, False, True, "random"),
+    Case(2, False, True, "random"),
+    Case(1, True, False, "random"),
+    Case(2, True, False, "random"),
+    Case(2, False, True, "all_to_rank0"),
+    # Fine-grained: 256 experts of width 64, top-8, dropless, sigmoid scores, all-choices loss.
+    Case(8, False, True, "random", experts=256, ffn=64,
+         options=(("score_function", "sigmoid"), ("norm_topk_prob", True), ("balance_loss", "switch"))),
+    Case(8, True, False, "random", experts=64, ffn=64, options=(("capacity_priority", "probs"),
+                                                                  ("balance_loss", "switch"))),
 ]
 
 
@@ -123,7 +145,7 @@ def two_rank_results():
                for index in range(len(CASES))}
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"k{c[0]}-drop{c[1]}-global{c[2]}-{c[3]}" for c in CASES])
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[case.name for case in CASES])
 def test_two_rank_expert_parallel_matches_single_process(two_rank_results, index):
     case = CASES[index]
     results = two_rank_results[index]
@@ -131,15 +153,15 @@ def test_two_rank_expert_parallel_matches_single_process(two_rank_results, index
     full, ref_output, ref_l_aux, ref_x_grad = _reference(case)
     for rank, res in enumerate(results):
         torch.testing.assert_close(res["output"], ref_output[rank:rank + 1], rtol=1e-5, atol=1e-6)
-        if case[1]:  # per-rank groups: each rank's l_aux is its half's
+        if case.drop_tokens:  # per-rank groups: each rank's l_aux is its half's
             torch.testing.assert_close(res["l_aux"], ref_l_aux[rank], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(res["x_grad"], ref_x_grad[rank:rank + 1], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(res["router_grad"], full.deepspeed_moe.gate.wg.weight.grad, rtol=1e-4, atol=1e-6)
-        local = EXPERTS // 2
+        local = case.experts // 2
         for name, grad in res["expert_grads"].items():
             ref_grad = dict(full.deepspeed_moe.experts.named_parameters())[name].grad[rank * local:(rank + 1) * local]
             torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
-    if not case[1]:  # counts summed over ranks: the ranks' mean l_aux is the whole batch's
+    if not case.drop_tokens:  # counts summed over ranks: the ranks' mean l_aux is the whole batch's
         torch.testing.assert_close((results[0]["l_aux"] + results[1]["l_aux"]) / 2, ref_l_aux, rtol=1e-5, atol=1e-7)
-    if case[3] == "all_to_rank0":
+    if case.routing == "all_to_rank0":
         assert results[0]["tokens_per_expert"].tolist()[2:] == [0, 0]

@@ -125,6 +125,10 @@ def moe_layer(config: RecipeConfig, ep_size: int) -> DeepSpeedMoE:
         gate=m.moe_gate, noisy_gate_policy=m.moe_noisy_gate_policy, use_rts=m.moe_use_rts,
         second_expert_policy=m.moe_second_expert_policy,
         balance_over_data_parallel=m.moe_balance_over_data_parallel,
+        score_function=m.moe_score_function, norm_topk_prob=m.moe_norm_topk_prob, route_scale=m.moe_route_scale,
+        capacity_priority=m.moe_capacity_priority, balance_loss=m.moe_balance_loss,
+        bias_balancing=m.moe_bias_update_rate > 0, num_expert_groups=m.moe_num_expert_groups,
+        topk_groups=m.moe_topk_groups,
     )
 
 

@@ -12,6 +12,7 @@ from ..data.loader import BatchLoader, TokenDataset
 from ..ds_config import DSConfig
 from ..model.moe.dispatch import expert_parallel_rank
 from ..model.transformer import TransformerLM
+from .balancing import ExpertBiasBalancer
 from .checkpointing import ReshardSource, load_resharded_weights, read_reshard_source
 from .distributed import Ranks
 from .plan import RunPlan
@@ -28,6 +29,7 @@ class Job:
     ep_rank: int  # index inside the expert-parallel group: which experts this rank holds
     own_grad_check: bool  # a plain torch optimizer: the recipe checks gradients for inf/NaN itself
     reshard_source: Optional[ReshardSource] = None  # the checkpoint being moved into this layout
+    bias_balancer: Optional[ExpertBiasBalancer] = None  # aux-loss-free balancing (model.moe_bias_update_rate > 0)
 
     @property
     def device(self) -> torch.device:
@@ -49,7 +51,8 @@ def build_job(plan: RunPlan, ranks: Ranks) -> Job:
                          seed=config.data.seed)
     return Job(model=model, engine=engine, scheduler=scheduler, loader=loader,
                val_data=TokenDataset(Path(config.data.path), "val"), ep_rank=ep_rank,
-               own_grad_check=add_own_grad_check(engine.optimizer), reshard_source=source)
+               own_grad_check=add_own_grad_check(engine.optimizer), reshard_source=source,
+               bias_balancer=ExpertBiasBalancer.for_model(model, config.model.moe_bias_update_rate))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -22,7 +22,7 @@ import torch
 
 from ..config import LossConfig
 from ..model.transformer import LMOutput
-from .distributed import Ranks, ranks_where
+from .distributed import Ranks, ranks_where, sum_over_ranks
 from .plan import RunPlan
 
 if TYPE_CHECKING:
@@ -69,9 +69,13 @@ def optimizer_step(job: Job, plan: RunPlan, ranks: Ranks, step: int,
             engine.step()
         if finite:
             record(loss, out)
+            if job.bias_balancer is not None:
+                job.bias_balancer.add(out.routing)
     applied = ranks_where(engine.was_step_applied())
     if 0 < applied < ranks.world_size:
         raise RuntimeError(f"step {step} was applied on {applied} of {ranks.world_size} ranks; the weights diverged")
+    if job.bias_balancer is not None:
+        job.bias_balancer.step_done(applied == ranks.world_size and not non_finite_loss, sum_over_ranks)
     # fp16: the loss scaler skips its own overflow steps (and lowers the scale); only a non-finite loss counts.
     skipped = non_finite_loss or (applied == 0 and plan.ds.precision != "fp16")
     return StepOutcome(skipped=skipped, non_finite_loss=non_finite_loss)

@@ -5,9 +5,12 @@ The class derives from ``deepspeed.moe.layer.MoE`` only so that the DeepSpeed en
 reduces expert gradients over the expert-data-parallel group and saves one file per expert. None of
 DeepSpeed's MoE code runs: ``__init__`` and ``forward`` are ours.
 
-State dict: the router ``deepspeed_moe.gate.wg.weight`` (E, M), replicated, and the local experts under
+State dict: the router ``deepspeed_moe.gate.wg.weight`` (E, M), replicated, with aux-loss-free balancing its
+bias ``deepspeed_moe.gate.e_score_correction_bias`` (E,), replicated, and the local experts under
 ``deepspeed_moe.experts``, one key set per expert as the engine's per-expert checkpoint cut expects (the
-key forms are defined in ``recipe/model/expert_keys.py``).
+key forms are defined in ``recipe/model/expert_keys.py``). The bias is not called ``expert_bias`` in the
+state dict because DeepSpeed's checkpointing treats every key of an MoE layer containing "expert" as a
+routed expert's; ``e_score_correction_bias`` is also its name in Hugging Face's DeepSeek-V3.
 """
 from __future__ import annotations
 
@@ -18,11 +21,10 @@ import torch
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
-from ...config import NoisyGatePolicy, SecondExpertPolicy
+from ...config import BalanceLoss, CapacityPriority, NoisyGatePolicy, ScoreFunction, SecondExpertPolicy
 from .dispatch import LocalDispatcher, expert_parallel_dispatcher
 from .experts import build_experts
-from .gating import (GateOutput, check_routing_policies, check_token_mask, get_gate, load_balancing_loss,
-                     local_balancing_loss)
+from .gating import GateOutput, balancing_loss, check_routing_options, check_routing_policies, check_token_mask, get_gate
 
 
 @dataclass
@@ -31,6 +33,7 @@ class RoutingStats:
 
     tokens_per_expert: torch.Tensor  # (E,) long: kept (token, choice) pairs per global expert
     first_choice_count: torch.Tensor  # (E,) fp32: tokens whose first choice is e
+    choice_count: torch.Tensor  # (E,) fp32: tokens with e among their k choices, before dropping (the load)
     gate_prob_mean: torch.Tensor  # (E,) fp32
     router_entropy: torch.Tensor  # () fp32
     num_tokens: int  # routed tokens
@@ -46,18 +49,36 @@ class RoutingStats:
 
 class MoEOutput(NamedTuple):
     output: torch.Tensor  # same shape and dtype as the input
-    l_aux: torch.Tensor  # () fp32 GShard balancing loss (1 at perfect balance)
+    l_aux: torch.Tensor  # () fp32 balancing loss of the layer's kind (1 at perfect balance)
     z_loss: torch.Tensor  # () fp32 router z-loss, unweighted
     stats: Optional[RoutingStats]  # None from layers without routing telemetry (DeepSpeed's baseline)
 
 
 class Router(nn.Module):
-    """Linear router kept in fp32 whatever the activation dtype (routing decisions are precision-sensitive)."""
+    """Linear router kept in fp32 whatever the activation dtype (routing decisions are precision-sensitive).
 
-    def __init__(self, hidden_size: int, num_experts: int, jitter_eps: float = 0.0):
+    With ``bias_balancing`` it holds the aux-loss-free balancing bias (DeepSeek-V3), a persistent (E,) buffer:
+    the trainer updates it after each applied optimizer step (``recipe.training.balancing``); the gate adds it
+    to the scores to choose experts only. It stays fp32 when the model is cast to bf16/fp16: its steps
+    (``moe_bias_update_rate``, ~1e-3) would vanish in 8 bits of mantissa.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, jitter_eps: float = 0.0, bias_balancing: bool = False):
         super().__init__()
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)
         self.jitter_eps = jitter_eps
+        if bias_balancing:
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.e_score_correction_bias.dtype != torch.float32:
+            # A dtype cast (model.bfloat16(), the engine's fp16/bf16 set-up): keep the fp32 values, on the new device.
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return self
 
     def forward(self, x_SM: torch.Tensor) -> torch.Tensor:
         x_SM = x_SM.float()
@@ -76,24 +97,16 @@ class MoECore(nn.Module):
         self.experts = experts
 
 
-def _check_layer_options(
-    num_experts: int,
-    ep_size: int,
-    k: int,
-    capacity_factor: float,
-    eval_capacity_factor: float,
-    min_capacity: int,
-    noisy_gate_policy: NoisyGatePolicy,
-    second_expert_policy: SecondExpertPolicy,
-) -> None:
-    """ValueError for an ``MoE`` option out of range: checked once, when the layer is built."""
+def _check_layer_options(num_experts: int, ep_size: int, capacity_factor: float, eval_capacity_factor: float,
+                         min_capacity: int, noisy_gate_policy: NoisyGatePolicy,
+                         second_expert_policy: SecondExpertPolicy) -> None:
+    """ValueError for an ``MoE`` option out of range: checked once, when the layer is built (the routing options
+    themselves by ``check_routing_options``)."""
     if num_experts < 1 or ep_size < 1 or num_experts % ep_size != 0:
         raise ValueError(
             f"num_experts ({num_experts}) must be a positive multiple of ep_size ({ep_size}); "
             f"change num_experts or the expert-parallel size"
         )
-    if k not in (1, 2) or k > num_experts:
-        raise ValueError(f"k must be 1 or 2 and at most num_experts ({num_experts}), got {k}")
     for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
@@ -101,12 +114,12 @@ def _check_layer_options(
 
 
 class MoE(DeepSpeedMoE):
-    """Mixture-of-Experts FFN with GShard top-1/top-2 gating and index-based dispatch.
+    """Mixture-of-Experts FFN with top-k gating (GShard semantics by default) and index-based dispatch.
 
     Args:
         hidden_size: M, input and output width.
         num_experts: E, experts in total over the expert-parallel group.
-        k: experts per token (1 or 2).
+        k: experts per token, 1..E.
         capacity_factor / eval_capacity_factor: cf in training / eval.
         min_capacity: lower bound on the per-expert capacity.
         drop_tokens: False disables the capacity cut (no token is ever dropped).
@@ -119,7 +132,11 @@ class MoE(DeepSpeedMoE):
         second_expert_policy: "argmax" or "sampling".
         balance_over_data_parallel: compute the balancing loss from routing counts summed over the
             data-parallel group (one all-reduce of E numbers), making the loss independent of how the
-            global batch is split over ranks. False gives DeepSpeed's per-rank loss.
+            global batch is split over ranks. False gives DeepSpeed's per-rank loss. The "sequence" loss
+            is per sequence by definition and ignores it.
+        score_function, norm_topk_prob, route_scale, capacity_priority, balance_loss, num_expert_groups,
+            topk_groups: the routing options of ``recipe.model.moe.gating`` (formulas there).
+        bias_balancing: hold an aux-loss-free balancing bias (``Router``), which the trainer updates.
 
     ``forward(hidden_states, token_mask=None)`` takes ``(..., M)`` and an optional bool mask of the
     leading shape (False = padding: not routed, output 0, not counted in the loss) and returns
@@ -146,10 +163,24 @@ class MoE(DeepSpeedMoE):
         second_expert_policy: SecondExpertPolicy = "argmax",
         balance_over_data_parallel: bool = True,
         jitter_eps: float = 1e-2,
+        score_function: ScoreFunction = "softmax",
+        norm_topk_prob: Optional[bool] = None,
+        route_scale: float = 1.0,
+        capacity_priority: CapacityPriority = "choice",
+        balance_loss: BalanceLoss = "gshard",
+        bias_balancing: bool = False,
+        num_expert_groups: int = 1,
+        topk_groups: int = 1,
     ):
         nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ would build its own gate and experts
-        _check_layer_options(num_experts, ep_size, k, capacity_factor, eval_capacity_factor, min_capacity,
+        _check_layer_options(num_experts, ep_size, capacity_factor, eval_capacity_factor, min_capacity,
                              noisy_gate_policy, second_expert_policy)
+        self.routing_options = dict(score_function=score_function, norm_topk_prob=norm_topk_prob,
+                                    route_scale=route_scale, capacity_priority=capacity_priority,
+                                    balance_loss=balance_loss, num_expert_groups=num_expert_groups,
+                                    topk_groups=topk_groups)
+        check_routing_options(k, num_experts, use_rts=use_rts, noisy_gate_policy=noisy_gate_policy,
+                              **self.routing_options)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -175,7 +206,7 @@ class MoE(DeepSpeedMoE):
             param.allreduce = False
             param.group_name = self.expert_group_name
         jitter = jitter_eps if noisy_gate_policy == "Jitter" else 0.0
-        self.deepspeed_moe = MoECore(Router(hidden_size, num_experts, jitter), experts)
+        self.deepspeed_moe = MoECore(Router(hidden_size, num_experts, jitter, bias_balancing), experts)
         self.dispatcher: Optional[LocalDispatcher] = LocalDispatcher() if ep_size == 1 else None
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
@@ -210,6 +241,9 @@ class MoE(DeepSpeedMoE):
             second_expert_policy=self.second_expert_policy,
             training=self.training,
             token_mask=mask_S,
+            expert_bias=self.deepspeed_moe.gate.e_score_correction_bias,
+            sequence_length=leading_shape[-1] if len(leading_shape) >= 2 else None,
+            **self.routing_options,
         )
         l_aux = self._balancing_loss(gate)
 
@@ -222,6 +256,7 @@ class MoE(DeepSpeedMoE):
         stats = RoutingStats(
             tokens_per_expert=gate.tokens_per_expert.detach(),
             first_choice_count=gate.first_choice_count.detach(),
+            choice_count=gate.choice_count.detach(),
             gate_prob_mean=gate.gate_prob_mean.detach(),
             router_entropy=gate.router_entropy.detach(),
             num_tokens=gate.num_tokens,
@@ -232,12 +267,17 @@ class MoE(DeepSpeedMoE):
         return MoEOutput(out_SM.view(*leading_shape, hidden), l_aux, gate.z_loss, stats)
 
     def _balancing_loss(self, gate: GateOutput) -> torch.Tensor:
-        """l_aux, computed here once: from routing counts summed over the data-parallel group (one
-        all-reduce of E+1 numbers), or per rank, where a user gate's own ``l_aux`` is kept."""
+        """l_aux, computed here once: from routing counts summed over the data-parallel group (one all-reduce of
+        E+1 numbers), or per rank, where a user gate's own ``l_aux`` is kept. The "sequence" loss comes from the
+        gate (per sequence, so the same on any split of the batch)."""
+        kind = self.routing_options["balance_loss"]
+        if kind == "sequence":
+            return gate.l_aux
+        counts = gate.first_choice_count if kind == "gshard" else gate.choice_count
         if self.balance_over_data_parallel:
-            counts = torch.cat([gate.first_choice_count, gate.first_choice_count.new_tensor([gate.num_tokens])])
+            counts = torch.cat([counts, counts.new_tensor([gate.num_tokens])])
             counts = self.dispatcher.sum_over_data_parallel(counts)
-            return load_balancing_loss(gate.gate_prob_mean, counts[:-1] / counts[-1].clamp(min=1))
+            return balancing_loss(kind, gate.gate_prob_mean, counts[:-1], counts[:-1], counts[-1].clamp(min=1), self.k)
         if gate.l_aux is not None:
             return gate.l_aux
-        return local_balancing_loss(gate.gate_prob_mean, gate.first_choice_count, gate.num_tokens)
+        return balancing_loss(kind, gate.gate_prob_mean, counts, counts, gate.num_tokens, self.k)
