@@ -140,3 +140,17 @@ def test_bias_stays_fp32_when_the_model_is_cast():
     assert moe.deepspeed_moe.gate.e_score_correction_bias.dtype == torch.float32
     assert torch.equal(moe.deepspeed_moe.gate.e_score_correction_bias, want)
     assert torch.equal(moe.state_dict()["deepspeed_moe.gate.e_score_correction_bias"], want)
+
+
+def test_a_new_model_starts_with_zero_bias():
+    """``init_weights`` draws every parameter; the bias is a buffer and starts at 0 (unbiased routing)."""
+    from conftest import TINY_MODEL
+    from recipe.config import config_from_dict
+    from recipe.model.transformer import TransformerLM
+
+    config = config_from_dict({"model": {**TINY_MODEL, "moe_bias_update_rate": 1e-3}, "data": {"seq_len": 16}})
+    model = TransformerLM(config)
+    model.init_weights(seed=3)
+    biases = [layer.deepspeed_moe.gate.e_score_correction_bias for layer in model.moe_layers()]
+    assert len(biases) == config.model.num_layers and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
+    assert model.blocks[0].attention.wqkv.weight.abs().max() > 0  # parameters were drawn

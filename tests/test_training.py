@@ -14,11 +14,30 @@ pytestmark = pytest.mark.multirank
 DS_CONFIGS = sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
 
 
-def test_loss_and_grad_norm_do_not_depend_on_the_parallel_layout(tiny_data, tmp_path):
+# Fine-grained routing as DeepSeek-V3 / Qwen3-MoE train it: 16 small experts, top-8, dropless, the all-choices
+# loss and aux-loss-free bias balancing (a rate of the size of the tiny router's score differences, so that the
+# bias changes routing within a few steps without flipping it wholesale every step).
+FINE_GRAINED = dict(num_experts=16, moe_gate_k=8, moe_intermediate_size=16, moe_norm_topk_prob=True,
+                    moe_balance_loss="switch", moe_bias_update_rate=0.002)
+BIAS_KEY = "deepspeed_moe.gate.e_score_correction_bias"
+
+
+def _final_biases(run_dir) -> dict:
+    from recipe.checkpoint import checkpoint_root, consolidated_state_dict
+
+    weights, _ = consolidated_state_dict(checkpoint_root(run_dir))
+    return {key: value for key, value in weights.items() if key.endswith(BIAS_KEY)}
+
+
+@pytest.mark.parametrize("routing", ["gshard_top2", "fine_grained_bias"])
+def test_loss_and_grad_norm_do_not_depend_on_the_parallel_layout(tiny_data, tmp_path, routing):
     """Same global batch of 4 sequences, fp32, no token dropping: 1 rank (EP=1) vs 2 ranks (EP=2) vs
-    4 ranks (EP=2 x expert-data-parallel 2) give the same per-step losses and gradient norms."""
-    config = write_config(tmp_path / "cfg.py", tiny_data, model=dict(moe_drop_tokens=False),
-                          train=dict(steps=6), loss=dict(moe_loss_coeff=0.1))
+    4 ranks (EP=2 x expert-data-parallel 2) give the same per-step losses, gradient norms and expert loads,
+    for the default top-2 routing and for top-8 of 16 with bias balancing (whose bias, updated from loads
+    summed over ranks, must then be the same in every layout)."""
+    model = dict(moe_drop_tokens=False, **(FINE_GRAINED if routing == "fine_grained_bias" else {}))
+    config = write_config(tmp_path / "cfg.py", tiny_data, model=model, train=dict(steps=6),
+                          loss=dict(moe_loss_coeff=0.1))
     layouts = {  # name: (ranks, micro batch, ep_size)
         "1rank_ep1": (1, 4, 1),
         "2rank_ep2": (2, 2, 2),
@@ -40,6 +59,12 @@ def test_loss_and_grad_norm_do_not_depend_on_the_parallel_layout(tiny_data, tmp_
             for ref_layer, layer in zip(ref["moe"], rec["moe"]):
                 assert layer["tokens_per_expert"] == ref_layer["tokens_per_expert"], (name, rec["step"])
     assert reference[-1]["lm_loss"] < reference[0]["lm_loss"]
+    if routing == "fine_grained_bias":
+        biases = {name: _final_biases(tmp_path / name) for name in layouts}
+        assert len(biases["1rank_ep1"]) == 2 and all(b.abs().max() > 0 for b in biases["1rank_ep1"].values())
+        for name, layer_biases in biases.items():
+            for key, bias in layer_biases.items():
+                torch.testing.assert_close(bias, biases["1rank_ep1"][key], rtol=0, atol=1e-6, msg=(name, key))
 
 
 @pytest.mark.parametrize("ds_name", DS_CONFIGS)
@@ -156,15 +181,16 @@ def test_two_nodes_on_loopback(tiny_data, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
 
 
-def _reshard_and_continue(tmp_path, tiny_data, base: tuple, layouts: dict, steps=(3, 5)) -> dict:
+def _reshard_and_continue(tmp_path, tiny_data, base: tuple, layouts: dict, steps=(3, 5),
+                          model: dict | None = None) -> dict:
     """Train ``base`` = (ranks, micro, ep, ds file) for steps[0] steps, then copy the run into each of
     ``layouts`` (name -> the same tuple) and continue to steps[1] there (``--reshard`` unless the layout is
-    the base's). Returns name -> train records of the continuation."""
+    the base's). ``model``: config changes. Returns name -> train records of the continuation."""
     import shutil
 
-    config = write_config(tmp_path / "cfg.py", tiny_data, model=dict(moe_drop_tokens=False),
-                          train=dict(steps=steps[0], save_every=steps[0]))
-    longer = write_config(tmp_path / "longer.py", tiny_data, model=dict(moe_drop_tokens=False),
+    model = dict(moe_drop_tokens=False, **(model or {}))
+    config = write_config(tmp_path / "cfg.py", tiny_data, model=model, train=dict(steps=steps[0], save_every=steps[0]))
+    longer = write_config(tmp_path / "longer.py", tiny_data, model=model,
                           train=dict(steps=steps[1], save_every=steps[1]))
     schedule = {"type": "WarmupCosineLR", "params": {"total_num_steps": steps[1], "warmup_num_steps": 1}}
 
@@ -204,6 +230,31 @@ def test_reshard_carries_weights_and_optimizer_state_to_other_layouts(tiny_data,
             for key in ("loss", "lm_loss", "moe_loss", "grad_norm", "lr", "val_loss"):
                 if key in want:
                     assert got[key] == pytest.approx(want[key], rel=1e-5), (name, got["step"], key)
+
+
+def test_bias_balancing_survives_resume_and_reshard(tiny_data, tmp_path):
+    """Bias balancing on: a 2-rank EP=2 run saved at step 3 and continued to step 5 by resuming (same layout)
+    and by resharding onto 1 rank (EP=1) gives the steps 4-5 and the final bias of the same 5 steps run
+    without a break. The bias moved (nonzero) and decides routing at top-8 of 16."""
+    runs = _reshard_and_continue(tmp_path, tiny_data, (2, 4, 2, "zero2_fp32.json"), {
+        "same": (2, 4, 2, "zero2_fp32.json"), "1rank_ep1": (1, 8, 1, "zero2_fp32.json")}, model=FINE_GRAINED)
+    for got, want in zip(runs["1rank_ep1"], runs["same"], strict=True):
+        for key in ("loss", "lm_loss", "moe_loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), ("1rank_ep1", got["step"], key)
+        for got_layer, want_layer in zip(got["moe"], want["moe"], strict=True):
+            assert got_layer["tokens_per_expert"] == want_layer["tokens_per_expert"], got["step"]
+    # Reference: the same 5 steps without a break (the helper left its config and JSON in tmp_path).
+    launch(2, tmp_path / "longer.py", tmp_path / "same.json", tmp_path / "straight")
+    straight_records, _ = read_metrics(tmp_path / "straight")
+    for got, want in zip(runs["same"], straight_records[3:], strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), got["step"]
+    base, straight, same, resharded = (_final_biases(tmp_path / name)
+                                       for name in ("base", "straight", "same", "1rank_ep1"))
+    assert base and all(bias.abs().max() > 0 for bias in base.values())
+    assert any(not torch.equal(bias, base[key]) for key, bias in straight.items())  # it kept moving after step 3
+    for key, bias in straight.items():
+        torch.testing.assert_close(same[key], bias, rtol=0, atol=1e-6)
+        torch.testing.assert_close(resharded[key], bias, rtol=0, atol=1e-6)
 
 
 def test_reshard_across_zero_stages_and_optimizer_formats(tiny_data, tmp_path):

@@ -210,12 +210,16 @@ class TransformerLM(nn.Module):
         expert-parallel ranks starts from exactly the weights of the unsplit model.
         Normal(0, init_std) everywhere, scaled by 1/sqrt(2·num_layers) on the projections that write
         into the residual stream (attention ``wo``, FFN ``w2``); RMSNorm weights (q_norm, k_norm too) are 1,
-        biases (``qkv_bias``) are 0.
+        biases (``qkv_bias``) are 0. Buffers (the routing bias of aux-loss-free balancing) keep the values
+        their modules gave them (zeros).
         """
         m = self.config.model
         residual_std = m.init_std / math.sqrt(2 * m.num_layers)
         num_local = self.num_local_experts
+        buffers = {name for name, _ in self.named_buffers()}
         for name, tensor in self.state_dict(keep_vars=True).items():
+            if name in buffers:  # (stacked expert weights appear as per-expert views, not Parameters)
+                continue
             if name.endswith("norm.weight"):
                 tensor.fill_(1.0)
                 continue
