@@ -100,7 +100,7 @@ def hf_export_notes(config: RecipeConfig) -> list[str]:
     if config.is_moe and m.moe_drop_tokens:
         return ["`model.moe_drop_tokens=True`: the run drops tokens over an expert's capacity, transformers' models "
                 "never do; the export is the dropless model, the same as ours wherever no expert overflows "
-                "(eval capacity factor {})".format(m.moe_eval_capacity_factor)]
+                f"(eval capacity factor {m.moe_eval_capacity_factor})"]
     return []
 
 
