@@ -135,3 +135,155 @@ def test_deepspeed_impl_trains_on_two_ranks_with_expert_parallelism(tiny_data, t
     model, config = load_model(tmp_path / "deepspeed")
     assert config.model.moe_impl == "deepspeed"
     assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long)).logits).all()
+
+
+# ---------------------------------------------------------------- the layer alone: k >= 3 and fine-grained experts
+
+
+def deepspeed_layer(hidden: int, ffn: int, experts: int, k: int, cf: float = 1.25, drop: bool = True):
+    from recipe.model.moe import DeepSpeedBaselineMoE
+
+    return DeepSpeedBaselineMoE(hidden, ffn, num_experts=experts, ep_size=1, k=k, capacity_factor=cf,
+                                eval_capacity_factor=cf, min_capacity=4, noisy_gate_policy=None, drop_tokens=drop,
+                                use_rts=False, top2_2nd_expert_sampling=False)
+
+
+def layer_grads(layer: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Input and parameter gradients under state-dict names (stacked expert grads cut per expert)."""
+    grads = {"input": x.grad}
+    for name, param in layer.named_parameters():
+        stacked = parse_stacked(name)
+        if stacked is not None:
+            grads.update(zip(stacked_keys(*stacked, range(param.shape[0])), param.grad.unbind(0)))
+        else:
+            grads[name] = param.grad
+    return grads
+
+
+def forward_backward(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    torch.autograd.backward((out.output, out.l_aux), (g, torch.tensor(0.1)))
+    return out, layer_grads(layer, x)
+
+
+@pytest.mark.parametrize("k", [3, 8])
+@pytest.mark.parametrize("drop", [True, False])
+def test_deepspeed_layer_runs_at_k_above_two(k, drop):
+    """k >= 3 goes through DeepSpeed's own topkgating; the baseline returns our MoEOutput."""
+    from recipe.model.moe.layer import MoEOutput
+
+    layer = deepspeed_layer(32, 16, 16, k, drop=drop)
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(0))
+    out = layer(x)
+    assert isinstance(out, MoEOutput) and out.output.shape == x.shape and out.stats is None
+    assert out.l_aux.dtype == torch.float32 and out.l_aux.item() > 0 and out.z_loss.item() == 0.0
+    out.output.sum().backward()
+    assert layer.deepspeed_moe.gate.wg.weight.grad is not None
+    with pytest.raises(ValueError, match="k must be in"):
+        deepspeed_layer(32, 16, 4, 5)
+
+
+@pytest.mark.parametrize("experts", [16, 64])
+@pytest.mark.parametrize("k", [3, 8])
+@pytest.mark.parametrize("drop", [True, False], ids=["cf1.25", "dropless"])
+def test_deepspeed_topk_gate_computes_what_ours_computes(k, experts, drop):
+    """Ours with DeepSpeed's k >= 3 semantics (capacity_priority='probs', balance_loss='switch', per-rank
+    loss) against DeepSpeed's layer with the same weights, fp32, continuous inputs (no gate ties): same
+    output, l_aux, and gradients of input, router and every expert; with dropping (cf=1.25, some experts
+    overflow) and without."""
+    from recipe.model.moe import MoE
+
+    hidden, ffn, cf = 32, 16, 1.25
+    torch.manual_seed(0)
+    ours = MoE(hidden, experts, k=k, capacity_factor=cf, eval_capacity_factor=cf, min_capacity=4, drop_tokens=drop,
+               intermediate_size=ffn, capacity_priority="probs", balance_loss="switch",
+               balance_over_data_parallel=False)
+    theirs = deepspeed_layer(hidden, ffn, experts, k, cf=cf, drop=drop)
+    theirs.load_state_dict(ours.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    # A direction shared by all tokens skews the routing, so that at cf=1.25 some experts overflow.
+    x = torch.randn(2, 96, hidden, generator=gen) + torch.randn(hidden, generator=gen)
+    g = torch.randn(2, 96, hidden, generator=gen)
+    (out_ours, grads_ours), (out_theirs, grads_theirs) = forward_backward(ours, x, g), forward_backward(theirs, x, g)
+    if drop:
+        assert out_ours.stats.num_pairs_kept < x.shape[0] * x.shape[1] * k  # the capacity cut did bite
+    torch.testing.assert_close(out_theirs.output, out_ours.output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_theirs.l_aux, out_ours.l_aux, rtol=1e-5, atol=1e-5)
+    assert grads_theirs.keys() == grads_ours.keys()
+    for name, grad in grads_ours.items():
+        torch.testing.assert_close(grads_theirs[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _counts_with_empty_experts(rows: int, experts: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    choice = torch.randint(0, experts, (rows,), generator=gen)
+    choice[choice % 7 == 3] = 0  # every expert e with e % 7 == 3 gets no rows
+    return torch.bincount(choice, minlength=experts)
+
+
+@pytest.mark.skipif(not __import__("recipe.model.moe.experts", fromlist=["x"]).grouped_mm_works(
+    "cpu", torch.float32, 64, 64), reason="torch._grouped_mm does not run on CPU in this torch build")
+@pytest.mark.parametrize("indexed", [False, True], ids=["blocks", "indexed"])
+def test_finegrained_experts_grouped_mm_matches_loop(indexed):
+    """E=256 experts of width F=64 (some without rows): torch._grouped_mm and the fused per-expert loop give
+    the same output and gradients (input, w1, w3, w2, combine weights) in fp32 on CPU."""
+    from recipe.model.moe.experts import SwiGLUExperts, run_experts_indexed
+
+    experts_n, hidden, ffn, tokens, k = 256, 64, 64, 192, 8
+    counts = _counts_with_empty_experts(tokens * k, experts_n, seed=0)
+    assert (counts == 0).any()
+    gen = torch.Generator().manual_seed(2)
+    index_N = torch.randint(0, tokens, (tokens * k,), generator=gen)
+    weight_N = torch.rand(tokens * k, generator=gen)
+    x = torch.randn(tokens if indexed else tokens * k, hidden, generator=gen)
+    g = torch.randn(x.shape, generator=gen)
+    results = {}
+    for grouped in (True, False):
+        torch.manual_seed(0)
+        experts = SwiGLUExperts(experts_n, hidden, ffn, use_grouped_mm=grouped)
+        assert experts._grouped(x) is grouped
+        xi, wi = x.clone().requires_grad_(True), weight_N.clone().requires_grad_(True)
+        y = run_experts_indexed(experts, xi, counts, index_N, wi) if indexed else experts(xi, counts)
+        y.backward(g)
+        results[grouped] = [y, xi.grad, experts.w1.grad, experts.w3.grad, experts.w2.grad] + ([wi.grad] if indexed else [])
+    for name, a, b in zip(["output", "input", "w1", "w3", "w2", "weight"], results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def per_token_reference(layer, x_SM: torch.Tensor, k: int) -> torch.Tensor:
+    """The dropless MoE written token by token: softmax over E, top k, weights renormalised over the k,
+    ``Σ_j w_j · SwiGLU_{e_j}(x)``; no dispatch, no capacity."""
+    experts = layer.deepspeed_moe.experts
+    probs = torch.softmax(x_SM @ layer.deepspeed_moe.gate.wg.weight.t(), dim=-1)
+    top_p, top_e = probs.topk(k, dim=-1)
+    weights = top_p / top_p.sum(-1, keepdim=True)
+    rows = []
+    for s in range(x_SM.shape[0]):
+        e, x_M = top_e[s], x_SM[s]
+        h_kF = torch.nn.functional.silu(experts.w1[e] @ x_M) * (experts.w3[e] @ x_M)
+        y_kM = torch.einsum("kmf,kf->km", experts.w2[e], h_kF)
+        rows.append(weights[s] @ y_kM)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_finegrained_dropless_layer_matches_per_token_loop(k):
+    """E=256 experts of width 64, dropless (drop_tokens=False), through the whole layer (router, gating, index
+    dispatch, fused experts, combine): output and gradients (input, router, experts) equal the per-token loop."""
+    from recipe.model.moe import MoE
+
+    experts_n, hidden, ffn, tokens = 256, 64, 64, 96
+    torch.manual_seed(0)
+    layer = MoE(hidden, experts_n, k=k, drop_tokens=False, intermediate_size=ffn, balance_over_data_parallel=False)
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(tokens, hidden, generator=gen), torch.randn(tokens, hidden, generator=gen)
+    params = [x.requires_grad_(True), layer.deepspeed_moe.gate.wg.weight, *layer.deepspeed_moe.experts.parameters()]
+    out = layer(x)
+    assert out.stats.num_pairs_kept == tokens * k
+    ours = torch.autograd.grad(out.output, params, g)
+    reference = per_token_reference(layer, x, k)
+    theirs = torch.autograd.grad(reference, params, g)
+    torch.testing.assert_close(out.output, reference, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["input", "router", "w1", "w3", "w2"], ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
