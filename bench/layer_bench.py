@@ -7,14 +7,21 @@
 What one row compares (forward + backward, same weights, same inputs, one process):
 
 * ``ours``: ``recipe.model.moe.MoE`` (GShard top-k, index dispatch, stacked SwiGLU experts).
-* ``deepspeed``: ``deepspeed.moe.layer.MoE`` with a SwiGLU expert ``w2(silu(w1 x) * w3 x)``, loaded with
+* ``deepspeed``: ``deepspeed.moe.layer.MoE`` with a SwiGLU expert ``w2(silu(w1 x) * w3 x)`` (built as
+  ``recipe.model.moe.DeepSpeedBaselineMoE``: DeepSpeed's module and forward, our output tuple), loaded with
   our layer's state dict (the keys are the same), so both route every token identically. Noise and
   random token selection are off on both (``noisy_gate_policy=None, use_rts=False,
-  top2_2nd_expert_sampling=False``); same k, capacity factor and ``min_capacity=4``.
+  top2_2nd_expert_sampling=False``); same k, capacity factor, ``drop_tokens`` and ``min_capacity=4``.
+  At k >= 3 DeepSpeed runs ``topkgating`` ('probs' drop policy, all-choices loss) and ours is built with
+  the same semantics (``capacity_priority='probs', balance_loss='switch'``).
 * ``experts_only``: the floor. Our same E experts run on k·S rows split evenly between them: no router,
   no gating, no gather/scatter, no capacity padding.
 * ``dense``: one SwiGLU with k experts' worth of hidden units (k·F) on the S tokens: the same
   active FLOPs without any routing.
+
+Fine-grained rows (group ``finegrained``, in the default grid and in ``--quick``): M=256, S=4096, k=8 with
+(E=64, F=128) and (E=128, F=64), each at cf=1.25 and dropless (``drop_tokens=False``); targets ours <= 1.15x
+the experts-only floor, and DeepSpeed/ours >= 1.5x at E=64 k=8 cf=1.25.
 
 Every backward includes the balancing loss (weight 0.01) for the two MoE layers. Parameter
 gradients are reset to None before each call (as ``zero_grad(set_to_none=True)`` does).
@@ -60,7 +67,7 @@ AUX_WEIGHT = 0.01
 
 @dataclass(frozen=True)
 class Case:
-    group: str  # grid | wide | experts | bf16 | path
+    group: str  # grid | wide | experts | finegrained | bf16 | path
     hidden: int  # M
     ffn: int  # F, per expert
     experts: int  # E
@@ -68,11 +75,18 @@ class Case:
     k: int
     cf: float
     dtype: str = "fp32"
+    drop: bool = True  # False: dropless (drop_tokens=False; cf unused)
 
     @property
     def label(self) -> str:
-        return (f"M{self.hidden} F{self.ffn} E{self.experts} S{self.tokens} k{self.k} cf{self.cf:g} "
-                f"{self.dtype}")
+        capacity = f"cf{self.cf:g}" if self.drop else "dropless"
+        return f"M{self.hidden} F{self.ffn} E{self.experts} S{self.tokens} k{self.k} {capacity} {self.dtype}"
+
+
+def finegrained_cases(tokens: int = 4096, dtype: str = "fp32") -> List[Case]:
+    """Fine-grained experts (many narrow experts, k=8): (E=64, F=128) and (E=128, F=64), at cf 1.25 and dropless."""
+    return [Case("finegrained", 256, ffn, experts, tokens, 8, 1.25, dtype, drop)
+            for experts, ffn in ((64, 128), (128, 64)) for drop in (True, False)]
 
 
 def default_cases(quick: bool) -> List[Case]:
@@ -82,6 +96,7 @@ def default_cases(quick: bool) -> List[Case]:
             Case("grid", 256, 688, 8, 4096, 2, 1.25),
             Case("experts", 256, 688, 64, 4096, 2, 1.25),
             Case("experts", 256, 688, 8, 4096, 2, 1.25),
+            *finegrained_cases(),
             Case("bf16", 256, 688, 8, 512, 2, 1.25, "bf16"),
             Case("path", 256, 688, 8, 4096, 2, 1.25),
         ]
@@ -89,6 +104,7 @@ def default_cases(quick: bool) -> List[Case]:
     cases.append(Case("wide", 512, 1376, 16, 8192, 2, 1.25))
     # Fixed active compute: every token still runs k experts of width F; only the expert count grows.
     cases += [Case("experts", 256, 688, e, 8192, 2, 1.25) for e in (8, 16, 32, 64)]
+    cases += finegrained_cases()
     cases += [Case("bf16", 256, 688, 8, s, 2, 1.25, "bf16") for s in (1024, 2048)]
     # torch._grouped_mm against the per-expert loop inside our layer.
     cases += [Case("path", 256, 688, 8, 4096, 2, 1.25), Case("path", 256, 688, 8, 512, 2, 1.25, "bf16")]
@@ -98,12 +114,14 @@ def default_cases(quick: bool) -> List[Case]:
 # ----------------------------------------------------------------------------------------------- builders
 
 
-def make_ours(hidden: int, ffn: int, experts: int, k: int, cf: float, dtype: torch.dtype):
+def make_ours(hidden: int, ffn: int, experts: int, k: int, cf: float, dtype: torch.dtype, drop: bool = True):
+    """Our layer; at k >= 3 with DeepSpeed's topkgating semantics ('probs' capacity queue, all-choices loss)."""
     from recipe.model.moe import MoE
 
+    topk = dict(capacity_priority="probs", balance_loss="switch") if k >= 3 else {}
     layer = MoE(hidden, experts, k=k, capacity_factor=cf, eval_capacity_factor=cf, min_capacity=MIN_CAPACITY,
-                intermediate_size=ffn, noisy_gate_policy=None, use_rts=False, second_expert_policy="argmax",
-                balance_over_data_parallel=False)
+                drop_tokens=drop, intermediate_size=ffn, noisy_gate_policy=None, use_rts=False,
+                second_expert_policy="argmax", balance_over_data_parallel=False, **topk)
     return layer.to(dtype)
 
 
@@ -112,15 +130,16 @@ def set_grouped_mm(layer, mode: str) -> None:
     layer.deepspeed_moe.experts.use_grouped_mm = {"auto": None, "on": True, "off": False}[mode]
 
 
-def make_deepspeed(ours, hidden: int, ffn: int, experts: int, k: int, cf: float, dtype: torch.dtype):
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
-
-    from recipe.model.moe import SwiGLU
+def make_deepspeed(ours, hidden: int, ffn: int, experts: int, k: int, cf: float, dtype: torch.dtype,
+                   drop: bool = True):
+    """``deepspeed.moe.layer.MoE`` (as ``DeepSpeedBaselineMoE``: DeepSpeed's module and forward, our output
+    tuple) loaded with ``ours``' state dict: same router and experts, so both route every token alike."""
+    from recipe.model.moe import DeepSpeedBaselineMoE
 
     with contextlib.redirect_stdout(io.StringIO()):
-        layer = DeepSpeedMoE(hidden, SwiGLU(hidden, ffn), num_experts=experts, ep_size=1, k=k, capacity_factor=cf,
-                             eval_capacity_factor=cf, min_capacity=MIN_CAPACITY, noisy_gate_policy=None,
-                             drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
+        layer = DeepSpeedBaselineMoE(hidden, ffn, num_experts=experts, ep_size=1, k=k, capacity_factor=cf,
+                                     eval_capacity_factor=cf, min_capacity=MIN_CAPACITY, noisy_gate_policy=None,
+                                     drop_tokens=drop, use_rts=False, top2_2nd_expert_sampling=False)
     layer.load_state_dict(ours.state_dict())  # same keys: identical router and experts
     return layer.to(dtype)
 
@@ -144,40 +163,40 @@ class Runner:
         self.fn()
 
 
-def build_runner(name: str, case: Case) -> Runner:
-    """Build contender ``name`` for ``case``, with its inputs and output gradient."""
+def _layer_runner(layer, x_SM: torch.Tensor, g_SM: torch.Tensor, aux_grad: torch.Tensor) -> Runner:
+    """Forward+backward of an MoE layer returning ``MoEOutput`` (ours or the DeepSpeed baseline)."""
+
+    def fn() -> None:
+        out = layer(x_SM)
+        torch.autograd.backward((out.output, out.l_aux), (g_SM, aux_grad))
+
+    return Runner(list(layer.parameters()), x_SM, fn)
+
+
+def build_runner(name: str, case: Case, device: str = "cpu") -> Runner:
+    """Build contender ``name`` for ``case`` on ``device``, with its inputs and output gradient."""
     torch.manual_seed(0)
     dtype = DTYPES[case.dtype]
     S = case.tokens
     M, F, E, k = case.hidden, case.ffn, case.experts, case.k
-    ours = make_ours(M, F, E, k, case.cf, torch.float32)
-    x_SM = torch.randn(S, M, dtype=dtype, requires_grad=True)
-    g_SM = torch.randn(S, M, dtype=dtype)
-    aux_grad = torch.tensor(AUX_WEIGHT)
+    ours = make_ours(M, F, E, k, case.cf, torch.float32, case.drop)
+    x_SM = torch.randn(S, M, dtype=dtype, device=device, requires_grad=True)
+    g_SM = torch.randn(S, M, dtype=dtype, device=device)
+    aux_grad = torch.tensor(AUX_WEIGHT, device=device)
 
     if name in ("ours", "ours_grouped", "ours_loop"):
-        layer = ours.to(dtype)
+        layer = ours.to(device=device, dtype=dtype)
         set_grouped_mm(layer, {"ours": "auto", "ours_grouped": "on", "ours_loop": "off"}[name])
-
-        def fn() -> None:
-            out = layer(x_SM)
-            torch.autograd.backward((out.output, out.l_aux), (g_SM, aux_grad))
-
-        return Runner(list(layer.parameters()), x_SM, fn)
+        return _layer_runner(layer, x_SM, g_SM, aux_grad)
     if name == "deepspeed":
-        layer = make_deepspeed(ours, M, F, E, k, case.cf, dtype)
-
-        def fn() -> None:
-            out, l_aux, _ = layer(x_SM)
-            torch.autograd.backward((out, l_aux), (g_SM, aux_grad))
-
-        return Runner(list(layer.parameters()), x_SM, fn)
+        layer = make_deepspeed(ours, M, F, E, k, case.cf, dtype, case.drop).to(device)
+        return _layer_runner(layer, x_SM, g_SM, aux_grad)
     if name == "experts_only":
-        experts = ours.deepspeed_moe.experts.to(dtype)
+        experts = ours.deepspeed_moe.experts.to(device=device, dtype=dtype)
         rows = k * S
-        x_NM = torch.randn(rows, M, dtype=dtype, requires_grad=True)
-        g_NM = torch.randn(rows, M, dtype=dtype)
-        counts = even_split(rows, E)
+        x_NM = torch.randn(rows, M, dtype=dtype, device=device, requires_grad=True)
+        g_NM = torch.randn(rows, M, dtype=dtype, device=device)
+        counts = even_split(rows, E).to(device)
 
         def fn() -> None:
             experts(x_NM, counts).backward(g_NM)
@@ -186,7 +205,7 @@ def build_runner(name: str, case: Case) -> Runner:
     if name == "dense":
         from recipe.model.moe import SwiGLU
 
-        ffn = SwiGLU(M, k * F).to(dtype)
+        ffn = SwiGLU(M, k * F).to(device=device, dtype=dtype)
 
         def fn() -> None:
             ffn(x_SM).backward(g_SM)
@@ -258,7 +277,8 @@ def _memory_child(case: Case, name: str) -> float:
     torch.set_num_threads(THREADS)
     # Lazy imports and one-time code paths on a tiny copy of the case, so that the allocator holds no
     # freed full-size blocks that the measured step could reuse without raising the RSS.
-    build_runner(name, replace(case, hidden=32, ffn=64, experts=min(case.experts, 4), tokens=64)).step()
+    build_runner(name, replace(case, hidden=32, ffn=64, experts=min(case.experts, max(4, case.k)),
+                               tokens=64)).step()
     gc.collect()
     _malloc_trim()
     runner = build_runner(name, case)
@@ -299,8 +319,8 @@ def fmt(x: Optional[float], spec: str = ".2f") -> str:
 
 
 def markdown_table(rows: List[dict]) -> str:
-    head = ("| config | ours ms | ours tok/s | ours/experts-only | DS/ours (speedup) | ours/dense | "
-            "mem ours MiB | mem DS MiB | mem ours/DS |")
+    head = ("| config | ours ms | DS ms | experts-only ms | ours tok/s | ours/experts-only | DS/ours (speedup) | "
+            "ours/dense | mem ours MiB | mem DS MiB | mem ours/DS |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         if row["case"]["group"] == "path":
@@ -308,7 +328,8 @@ def markdown_table(rows: List[dict]) -> str:
         t, r, m = row["median_ms"], row["ratios"], row.get("memory_mib", {})
         mem_ratio = (m["ours"] / m["deepspeed"]) if m.get("ours") and m.get("deepspeed") else None
         lines.append(
-            f"| {row['label']} | {t['ours']:.1f} | {row['tokens_per_s']['ours']:,.0f} | "
+            f"| {row['label']} | {t['ours']:.1f} | {t['deepspeed']:.1f} | {t['experts_only']:.1f} | "
+            f"{row['tokens_per_s']['ours']:,.0f} | "
             f"{fmt(r['ours/experts_only'])} | {fmt(r['deepspeed/ours'])} | {fmt(r['ours/dense'])} | "
             f"{fmt(m.get('ours'), '.0f')} | {fmt(m.get('deepspeed'), '.0f')} | {fmt(mem_ratio)} |"
         )
@@ -336,8 +357,10 @@ def auto_path(case: Case) -> str:
 def summary(rows: List[dict]) -> List[str]:
     main = [r for r in rows if r["case"]["group"] != "path"]
     lines = []
-    floor = [r["ratios"]["ours/experts_only"] for r in main]
-    lines.append(f"ours/experts-only: max {max(floor):.3f} (target <= 1.10)")
+    floor = [r["ratios"]["ours/experts_only"] for r in main if r["case"]["group"] != "finegrained"]
+    if floor:
+        lines.append(f"ours/experts-only: max {max(floor):.3f} (target <= 1.10)")
+    lines += finegrained_summary([r for r in main if r["case"]["group"] == "finegrained"])
     k2 = [r["ratios"]["deepspeed/ours"] for r in main if r["case"]["k"] == 2 and r["case"]["cf"] == 1.25]
     if k2:
         lines.append(f"DS/ours at k=2 cf=1.25: min {min(k2):.2f}x (target >= 1.3x)")
@@ -350,6 +373,21 @@ def summary(rows: List[dict]) -> List[str]:
         e_max = max(sweep)
         lines.append(f"E 8->{e_max} at fixed active compute: ours time x{sweep[e_max] / sweep[8]:.3f} "
                      f"(target <= 1.15)")
+    return lines
+
+
+def finegrained_summary(rows: List[dict]) -> List[str]:
+    """The fine-grained rows' targets: near the experts-only floor, well ahead of DeepSpeed at E=64 k=8 cf=1.25."""
+    if not rows:
+        return []
+    lines = [f"fine-grained ours/experts-only: max {max(r['ratios']['ours/experts_only'] for r in rows):.3f} "
+             f"(target <= 1.15)"]
+    e64 = [r["ratios"]["deepspeed/ours"] for r in rows
+           if (r["case"]["experts"], r["case"]["k"], r["case"]["drop"], r["case"]["cf"]) == (64, 8, True, 1.25)]
+    if e64:
+        lines.append(f"DS/ours at E=64 k=8 cf=1.25: {min(e64):.2f}x (target >= 1.5x)")
+    lines.append("fine-grained DS/ours: " + ", ".join(f"{r['label']} {r['ratios']['deepspeed/ours']:.2f}x"
+                                                     for r in rows))
     return lines
 
 
@@ -369,7 +407,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a ~1 minute subset")
     parser.add_argument("--rounds", type=int, default=None,
                         help="minimum timed rounds per row (default 5, quick 3); short rows run more, up to ~10 s")
-    parser.add_argument("--only", default=None, help="comma-separated groups: grid,wide,experts,bf16,path")
+    parser.add_argument("--only", default=None, help="comma-separated groups: grid,wide,experts,finegrained,bf16,path")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", default="bench_results/layer.json")
     args = parser.parse_args(argv)
