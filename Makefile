@@ -57,13 +57,24 @@ compare: install data
 #   written to bench_results/layer.json. BENCH_ARGS=--quick runs a one-minute subset.
 # bench-e2e: training tokens/s of the default model on 2 ranks (EP=2, ZeRO-2 fp32) with our layer vs
 #   DeepSpeed's in the FFN slots, alternating runs, to bench_results/e2e.json (~4 minutes; E2E_ARGS=--quick).
-.PHONY: bench bench-layer bench-e2e
+# bench-e2e-finegrained: the same for recipe/configs/tiny_finegrained.py (32 experts top-4, dropless), to
+#   bench_results/e2e_finegrained.json.
+# gpu-check: on one GPU, at most ~8 minutes: tests/test_gpu.py, the layer bench in bf16 (TFLOP/s, MFU) and a
+#   50-step bf16 training smoke of a ~100M-active fine-grained MoE (tokens/s, MFU) to bench_results/gpu.json.
+#   Without a GPU it says so and exits 0.
+.PHONY: bench bench-layer bench-e2e bench-e2e-finegrained gpu-check
 # The glibc allocator settings launch/train.sh gives training (why: see there), so the layer is timed as it trains.
 MALLOC_TUNING := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=268435456
-bench: bench-layer bench-e2e
+bench: bench-layer bench-e2e bench-e2e-finegrained
 
 bench-layer: install
 	$(MALLOC_TUNING) $(PY) -m bench.layer_bench $(BENCH_ARGS)
 
 bench-e2e: install
 	$(PY) -m bench.e2e_bench $(E2E_ARGS)
+
+bench-e2e-finegrained: install
+	$(PY) -m bench.e2e_bench --preset finegrained $(E2E_ARGS)
+
+gpu-check: install
+	$(PY) -m bench.gpu_check $(GPU_ARGS)

@@ -158,7 +158,7 @@ def layer_bench(info: dict, cpu_dry_run: bool, deadline: float) -> list[dict]:
                          "deepspeed/ours": seconds["deepspeed"] / seconds["ours"]}
         row["auto_path"] = "cpu" if cpu_dry_run else _auto_path_on(case, info["device"])
         rows.append(row)
-        print(f"  {case.label}: ours {row['ms']['ours']:.2f} ms {row['tflops']['ours']:.1f} TFLOP/s, "
+        print(f"  {case.label}: ours {row['ms']['ours']:.2f} ms {row['tflops']['ours']:.3g} TFLOP/s, "
               f"DS/ours {row['ratios']['deepspeed/ours']:.2f}x, ours/experts-only "
               f"{row['ratios']['ours/experts_only']:.2f}", flush=True)
     return rows
@@ -272,13 +272,13 @@ def print_report(report: dict) -> None:
             continue
         mfu = row["mfu"]["ours"]
         print(f"| {row['label']} | {row['ms']['ours']:.2f} | {row['ms']['deepspeed']:.2f} | "
-              f"{row['ms']['experts_only']:.2f} | {row['tflops']['ours']:.1f} | "
+              f"{row['ms']['experts_only']:.2f} | {row['tflops']['ours']:.3g} | "
               f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {row['ratios']['deepspeed/ours']:.2f} | "
               f"{row['ratios']['ours/experts_only']:.2f} | {row['auto_path']} |")
     train = report["training"]
     if train.get("ok"):
         mfu = train["mfu"]
-        print(f"training smoke: {train['tokens_per_s']:,.0f} tokens/s, {train['tflops']:.1f} TFLOP/s, MFU "
+        print(f"training smoke: {train['tokens_per_s']:,.0f} tokens/s, {train['tflops']:.3g} TFLOP/s, MFU "
               f"{'-' if mfu is None else f'{100 * mfu:.1f}%'}, loss {train['first_loss']:.3f} -> "
               f"{train['final_loss']:.3f}")
     else:
