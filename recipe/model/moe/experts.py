@@ -135,87 +135,122 @@ class _SwiGLUBlocks(torch.autograd.Function):
     """Stacked SwiGLU experts over row blocks, one expert at a time, memory-lean.
 
     Plain mode (``index_N`` None): rows ``[0, n_0)`` of ``x`` go to expert 0, the next ``n_1`` to expert 1,
-    and so on; the output has the same rows.
+    and so on; the output has the same rows (``weight_N`` must then be None).
     Indexed mode: position i of the expert-grouped order reads row ``index_N[i]`` of ``x``, and
-    ``weight_N[i] · y_i`` is added into row ``index_N[i]`` of an output shaped like ``x``. The gathered
-    rows are a scratch buffer of the call, gathered again in backward rather than kept.
+    ``weight_N[i] · y_i`` is added into row ``index_N[i]`` of an output shaped like ``x``. Each expert's
+    rows are gathered into one block-sized scratch buffer and its results added back block by block,
+    so no (N, M) copy of the routed rows exists (with fine-grained experts, N = k·S is large and the
+    full-size gathers and scatters cost more than these cache-resident per-block ones).
 
-    forward:  a = x·w1ᵀ, b = x·w3ᵀ, y = (silu(a)·b)·w2ᵀ per block; keeps a and b besides the inputs, and
-              y only when the combine weight needs a gradient (autograd of the plain expressions keeps
-              the gathered rows, a, silu(a), b, the product and y).
-    backward: recomputes silu(a) and the product block by block (cheap, cache-resident) and writes
-              each expert's weight gradient straight into its slice of the stacked gradient.
+    forward:  a = x·w1ᵀ, b = x·w3ᵀ, y = (silu(a)·b)·w2ᵀ per block; keeps only a and b besides the inputs
+              (autograd of the plain expressions keeps the gathered rows, a, silu(a), b, the product and y).
+              y is not kept even when the combine weight needs a gradient: <y, g> = <h, g·w2> with
+              h = silu(a)·b, and backward computes g·w2 anyway.
+    backward: recomputes silu(a) and h block by block (cheap, cache-resident) and writes each expert's
+              weight gradient straight into its slice of the stacked gradient.
     """
 
     @staticmethod
     def forward(ctx, x, w1, w3, w2, weight_N, index_N, counts: list[int]):
-        x_NM = x if index_N is None else x.index_select(0, index_N)
-        num_rows = x_NM.shape[0]
+        if index_N is None and weight_N is not None:
+            raise ValueError("a combine weight needs index_N")
+        num_rows = x.shape[0] if index_N is None else index_N.shape[0]
         a_NF = x.new_empty(num_rows, w1.shape[1])
         b_NF = x.new_empty(num_rows, w1.shape[1])
-        y_NM = x.new_empty(num_rows, w2.shape[1])
+        if index_N is None:
+            out = x.new_empty(num_rows, w2.shape[1])
+        else:
+            out = x.new_zeros(x.shape[0], w2.shape[1])
+            scratch = x.new_empty(max(counts, default=0), x.shape[1])  # one block's rows, reused
         for e, rows in _blocks(counts):
-            x_nM = x_NM[rows]
+            if index_N is None:
+                x_nM = x[rows]
+            else:
+                index_n = index_N[rows]
+                x_nM = torch.index_select(x, 0, index_n, out=scratch[: rows.stop - rows.start])
             a_nF = torch.mm(x_nM, w1[e].t(), out=a_NF[rows])
             b_nF = torch.mm(x_nM, w3[e].t(), out=b_NF[rows])
             h_nF = F.silu(a_nF).mul_(b_nF)
-            torch.mm(h_nF, w2[e].t(), out=y_NM[rows])
+            if index_N is None:
+                torch.mm(h_nF, w2[e].t(), out=out[rows])
+                continue
+            y_nM = torch.mm(h_nF, w2[e].t(), out=x_nM)  # x_nM is dead once a and b are written
+            if weight_N is not None:
+                y_nM.mul_(weight_N[rows].unsqueeze(1))
+            out.index_add_(0, index_n, y_nM)
         ctx.counts = counts
-        # The weight's gradient <y_i, g_i> needs y; it is the only (N, M) tensor kept, and only then.
-        keep_y = weight_N is not None and weight_N.requires_grad
-        ctx.save_for_backward(x, a_NF, b_NF, w1, w3, w2, weight_N, index_N, y_NM if keep_y else None)
-        if index_N is None:
-            return y_NM
-        if weight_N is not None:
-            y_NM = y_NM * weight_N.unsqueeze(1) if keep_y else y_NM.mul_(weight_N.unsqueeze(1))
-        return y_NM.new_zeros(x.shape[0], y_NM.shape[1]).index_add_(0, index_N, y_NM)
+        ctx.save_for_backward(x, a_NF, b_NF, w1, w3, w2, weight_N, index_N)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out):
-        x, a_NF, b_NF, w1, w3, w2, weight_N, index_N, y_NM = ctx.saved_tensors
+        x, a_NF, b_NF, w1, w3, w2, weight_N, index_N = ctx.saved_tensors
         need_x, need_w1, need_w3, need_w2, need_weight = ctx.needs_input_grad[:5]
         g_out = g_out.contiguous()
         transpose_copy = g_out.device.type == "cpu" and g_out.dtype != torch.float32
-        if index_N is None:
-            x_NM, g_NM = x, g_out
-        else:  # private gathered copies: g_NM is scaled in place, x_NM is overwritten by dx
-            x_NM, g_NM = x.index_select(0, index_N), g_out.index_select(0, index_N)
-        dx_NM = None
-        if need_x:
-            dx_NM = torch.empty_like(x_NM) if index_N is None else x_NM
-        dw1 = torch.empty_like(w1) if need_w1 else None
-        dw3 = torch.empty_like(w3) if need_w3 else None
-        dw2 = torch.empty_like(w2) if need_w2 else None
-        dweight_N = torch.empty_like(weight_N) if need_weight else None
+        w = (w1, w3, w2, transpose_copy)
+        dws = tuple(torch.empty_like(p) if need else None
+                    for p, need in ((w1, need_w1), (w3, need_w3), (w2, need_w2)))
         for e, n in enumerate(ctx.counts):
             if n == 0:  # an expert without tokens gets a zero gradient
-                for grad in (dw1, dw3, dw2):
+                for grad in dws:
                     if grad is not None:
                         grad[e].zero_()
+        dweight_N = torch.empty_like(weight_N) if need_weight else None
+        if index_N is None:
+            dx = torch.empty_like(x) if need_x else None
+        else:  # block-sized scratch, reused by every expert; x's rows are overwritten by dx
+            dx = torch.zeros_like(x) if need_x else None
+            x_buf, g_buf = (x.new_empty(max(ctx.counts, default=0), x.shape[1]) for _ in range(2))
+        need_x_rows = need_w1 or need_w3
         for e, rows in _blocks(ctx.counts):
-            x_nM, a_nF, b_nF, g_nM = x_NM[rows], a_NF[rows], b_NF[rows], g_NM[rows]
-            if weight_N is not None:
-                if need_weight:
-                    torch.sum(y_NM[rows] * g_nM, dim=1, out=dweight_N[rows])  # <y, g>
-                g_nM.mul_(weight_N[rows].unsqueeze(1))  # from here on, the gradient of the weighted y
-            s_nF = F.silu(a_nF)
-            if need_w2:
-                torch.mm(g_nM.t(), s_nF * b_nF, out=dw2[e])  # (M, F) = gᵀ·h
-            dh_nF = torch.mm(g_nM, _nt(w2[e], transpose_copy))  # (n, F)
-            db_nF = s_nF.mul_(dh_nF)  # d/db = dh·silu(a); s is not needed after this
-            da_nF = torch.ops.aten.silu_backward(dh_nF.mul_(b_nF), a_nF)  # dh·b·silu'(a)
-            if need_w1:
-                torch.mm(da_nF.t(), x_nM, out=dw1[e])
-            if need_w3:
-                torch.mm(db_nF.t(), x_nM, out=dw3[e])
-            if need_x:  # after dw1 and dw3, the last readers of x_nM
-                dx_nM = torch.mm(da_nF, _nt(w1[e], transpose_copy), out=dx_NM[rows])
-                dx_nM.addmm_(db_nF, _nt(w3[e], transpose_copy))
-        dx = dx_NM
-        if need_x and index_N is not None:
-            dx = dx_NM.new_zeros(x.shape).index_add_(0, index_N, dx_NM)
-        return dx, dw1, dw3, dw2, dweight_N, None, None
+            if index_N is None:
+                x_nM, g_nM = x[rows], g_out[rows]
+                dx_nM = dx[rows] if need_x else None
+            else:
+                index_n, n = index_N[rows], rows.stop - rows.start
+                x_nM = torch.index_select(x, 0, index_n, out=x_buf[:n]) if need_x_rows else None
+                g_nM = torch.index_select(g_out, 0, index_n, out=g_buf[:n])
+                dx_nM = x_buf[:n] if need_x else None  # written after dw1 and dw3, x_nM's last readers
+            weight_n1 = None if weight_N is None else weight_N[rows].unsqueeze(1)
+            _block_backward(e, x_nM, a_NF[rows], b_NF[rows], g_nM, weight_n1, w, dws,
+                            None if dweight_N is None else dweight_N[rows], dx_nM)
+            if need_x and index_N is not None:
+                dx.index_add_(0, index_n, dx_nM)
+        return (dx, *dws, dweight_N, None, None)
+
+
+def _block_backward(e, x_nM, a_nF, b_nF, g_nM, weight_n1, w, dws, dweight_n, dx_nM) -> None:
+    """One expert's block of ``_SwiGLUBlocks.backward``; writes into the gradients it is given.
+
+    ``g_nM`` is the gradient of the (weighted, when ``weight_n1`` is given) output rows. With a weight,
+    the unweighted gradient of h is ``dh_raw = g·w2``; then <y, g> = rowsum(h ∘ dh_raw) (so y need not
+    be kept), the gradient of h is ``dh_raw · weight`` and dw2 = gᵀ·(h · weight).
+    """
+    w1, w3, w2, transpose_copy = w
+    dw1, dw3, dw2 = dws
+    s_nF = F.silu(a_nF)
+    h_nF = s_nF * b_nF if (dw2 is not None or dweight_n is not None) else None
+    dh_nF = torch.mm(g_nM, _nt(w2[e], transpose_copy))  # (n, F)
+    if weight_n1 is not None:
+        if dweight_n is not None:
+            torch.sum(h_nF * dh_nF, dim=1, out=dweight_n)  # <h, g·w2> = <y, g>
+        dh_nF.mul_(weight_n1)
+        # dw2 = (g·weight)ᵀ·h = gᵀ·(h·weight): scale the narrower one (g is a private copy in indexed mode)
+        if dw2 is not None:
+            (h_nF if h_nF.shape[1] <= g_nM.shape[1] else g_nM).mul_(weight_n1)
+    if dw2 is not None:
+        torch.mm(g_nM.t(), h_nF, out=dw2[e])  # (M, F)
+    db_nF = s_nF.mul_(dh_nF)  # d/db = dh·silu(a); s is not needed after this
+    da_nF = torch.ops.aten.silu_backward(dh_nF.mul_(b_nF), a_nF)  # dh·b·silu'(a)
+    if dw1 is not None:
+        torch.mm(da_nF.t(), x_nM, out=dw1[e])
+    if dw3 is not None:
+        torch.mm(db_nF.t(), x_nM, out=dw3[e])
+    if dx_nM is not None:  # after dw1 and dw3, the last readers of x_nM (dx_nM may share its storage)
+        torch.mm(da_nF, _nt(w1[e], transpose_copy), out=dx_nM)
+        dx_nM.addmm_(db_nF, _nt(w3[e], transpose_copy))
 
 
 def _blocks(counts: list[int]):
