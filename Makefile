@@ -26,7 +26,7 @@ test-fast: install
 
 # ---- the default end-to-end run ----
 NPROC ?= 2
-CONFIG ?= recipe/configs/tiny_moe.py
+CONFIG ?= recipe/configs/tiny_finegrained.py
 DS_CONFIG ?= ds_configs/zero2_fp32_ep2.json
 RUN ?= runs/latest
 
@@ -55,7 +55,7 @@ compare: install data
 # Benchmarks; use an idle machine: timings are side by side but shared cores still skew them.
 # bench-layer: our MoE vs deepspeed.moe.layer.MoE vs experts-only vs dense (ratios, tokens/s, peak memory),
 #   written to bench_results/layer.json. BENCH_ARGS=--quick runs a one-minute subset.
-# bench-e2e: training tokens/s of the default model on 2 ranks (EP=2, ZeRO-2 fp32) with our layer vs
+# bench-e2e: training tokens/s of tiny_moe.py (8 experts, top-2) on 2 ranks (EP=2, ZeRO-2 fp32) with our layer vs
 #   DeepSpeed's in the FFN slots, alternating runs, to bench_results/e2e.json (~4 minutes; E2E_ARGS=--quick).
 # bench-e2e-finegrained: the same for recipe/configs/tiny_finegrained.py (32 experts top-4, dropless), to
 #   bench_results/e2e_finegrained.json.

@@ -5,7 +5,7 @@
 #
 # Knobs (flags, or the environment variables in brackets):
 #   --nproc N          ranks per node                                  [NPROC, default 2]
-#   --config FILE      model/train config, InternEvo style               [CONFIG, default recipe/configs/tiny_moe.py]
+#   --config FILE      model/train config, InternEvo style               [CONFIG, default recipe/configs/tiny_finegrained.py]
 #   --ds_config FILE   DeepSpeed JSON: ZeRO stage, precision, ep_size    [DS_CONFIG, default ds_configs/zero2_fp32_ep2.json]
 #   --run_dir DIR      checkpoints, metrics.jsonl, summary.json          [RUN_DIR, default: train.run_dir of the config]
 #   --hostfile FILE    multi-node: DeepSpeed hostfile ("host slots=N" per line); the launcher ssh-es to each host
@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NPROC=${NPROC:-2}
-CONFIG=${CONFIG:-recipe/configs/tiny_moe.py}
+CONFIG=${CONFIG:-recipe/configs/tiny_finegrained.py}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2_fp32_ep2.json}
 RUN_DIR=${RUN_DIR:-}
 HOSTFILE=""

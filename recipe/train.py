@@ -2,7 +2,7 @@
 
 Run by the deepspeed launcher (see launch/train.sh)::
 
-    deepspeed --num_gpus 2 -m recipe.train --config recipe/configs/tiny_moe.py \
+    deepspeed --num_gpus 2 -m recipe.train --config recipe/configs/tiny_finegrained.py \
         --ds_config ds_configs/zero2_fp32_ep2.json --set train.steps=100
 
 Everything is validated before the process group starts. Each rank then trains on its shard of every
@@ -31,7 +31,7 @@ from .training.step import optimizer_step
 from .training.telemetry import (Console, RoutingTally, TrainTally, non_finite_stop_error, perplexity, quiet_deepspeed,
                                  skipped_step_warning, summary_table)
 
-DEFAULT_CONFIG = "recipe/configs/tiny_moe.py"
+DEFAULT_CONFIG = "recipe/configs/tiny_finegrained.py"
 DEFAULT_DS_CONFIG = "ds_configs/zero2_fp32_ep2.json"
 
 

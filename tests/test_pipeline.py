@@ -71,9 +71,9 @@ def test_flatten_names_every_expert():
 
 @pytest.mark.multirank
 def test_default_pipeline_smoke(tiny_data, tmp_path):
-    """The `make train` path in miniature: tiny_moe.py on 2 ranks (EP=2, ZeRO-2), evaluation, heatmap,
+    """The `make train` path in miniature: tiny_finegrained.py on 2 ranks (EP=2, ZeRO-2), evaluation, heatmap,
     wandb offline, checkpoint, and samples generated on one process from the EP=2 checkpoint."""
-    config = ROOT / "recipe" / "configs" / "tiny_moe.py"
+    config = ROOT / "recipe" / "configs" / "tiny_finegrained.py"
     ds = ROOT / "ds_configs" / "zero2_fp32_ep2.json"
     run_dir = tmp_path / "run"
     proc = launch(2, config, ds, run_dir, "--samples", "2", "--set", f"data.path={str(tiny_data)!r}",
@@ -83,7 +83,7 @@ def test_default_pipeline_smoke(tiny_data, tmp_path):
     assert [r["step"] for r in train] == [2, 4] and [r["step"] for r in evals] == [2, 4]
     for key in ("loss", "lm_loss", "moe_loss", "lr", "grad_norm", "tokens_per_s"):
         assert key in train[0]
-    assert len(train[0]["moe"]) == 4 and len(train[0]["moe"][0]["tokens_per_expert"]) == 8
+    assert len(train[0]["moe"]) == 4 and len(train[0]["moe"][0]["tokens_per_expert"]) == 32
     assert (run_dir / evals[-1]["heatmap"]).read_bytes()[:8] == PNG_SIGNATURE
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ep_size"] == 2 and summary["tokens_seen"] == 4 * 2 * 8 * 32
@@ -91,16 +91,18 @@ def test_default_pipeline_smoke(tiny_data, tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000004"
 
-    # Export the EP=2 checkpoint: consolidated fp32 file and a Hugging Face (Mixtral) folder.
+    # Export the EP=2 checkpoint: the consolidated fp32 file, with the trained routing bias of every layer. A Hugging
+    # Face folder is refused (no Mixtral/Qwen2-MoE class has the bias) and nothing is written.
     from recipe.export import main as export_main
 
     assert export_main(["--run_dir", str(run_dir), "--format", "torch", "--out", str(tmp_path / "fp32.pt")]) == 0
     exported = torch.load(tmp_path / "fp32.pt")
-    assert sum(".deepspeed_experts." in k for k in exported["model"]) == 4 * 8 * 3
+    assert sum(".deepspeed_experts." in k for k in exported["model"]) == 4 * 32 * 3
     assert all(v.dtype == torch.float32 for v in exported["model"].values())
-    assert export_main(["--run_dir", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mixtral"
-    assert export_main(["--run_dir", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2  # no overwrite
+    biases = [v for k, v in exported["model"].items() if k.endswith("e_score_correction_bias")]
+    assert len(biases) == 4 and all(b.abs().max() > 0 for b in biases)
+    assert export_main(["--run_dir", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.multirank
@@ -119,7 +121,7 @@ def test_generation_is_deterministic_and_layout_free(tiny_data, tmp_path):
 
 
 @pytest.mark.multirank
-def test_compare_trains_both_and_plots(tiny_data, tmp_path):
+def test_compare_trains_all_three_and_plots(tiny_data, tmp_path):
     import sys
 
     from conftest import run_to_end
@@ -128,11 +130,14 @@ def test_compare_trains_both_and_plots(tiny_data, tmp_path):
     overrides = [f"data.path={str(tiny_data)!r}", "model.vocab_size=320", "data.seq_len=32", "train.steps=2",
                  "train.eval_every=1", "train.eval_batches=1", "train.log_every=1", "train.wandb='disabled'"]
     cmd = [sys.executable, "-m", "recipe.compare", "--out", str(out)] + [a for o in overrides for a in ("--set", o)]
-    proc = run_to_end(cmd, cwd=ROOT)  # two trainings through launch/train.sh; a hang fails after SAFETY_S
+    proc = run_to_end(cmd, cwd=ROOT)  # three trainings through launch/train.sh; a hang fails after SAFETY_S
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "compare.json").read_text())
-    assert set(result) == {"moe", "dense"}
-    assert result["moe"]["tokens_seen"] == result["dense"]["tokens_seen"]
-    assert abs(result["moe"]["active_params"] - result["dense"]["active_params"]) < 0.01 * result["dense"]["active_params"]
+    assert set(result) == {"moe", "finegrained", "dense"}
+    dense = result["dense"]
+    for name in ("moe", "finegrained"):
+        assert result[name]["tokens_seen"] == dense["tokens_seen"]
+        # Equal but for the routers (32 x 128 per layer for finegrained: 1.1% here with the 320-token vocabulary)
+        assert abs(result[name]["active_params"] - dense["active_params"]) < 0.02 * dense["active_params"]
+        assert f"{name} minus dense validation loss" in proc.stdout
     assert (out / "moe_vs_dense.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert "MoE minus dense validation loss" in proc.stdout

@@ -1,5 +1,7 @@
-# The default: a tiny MoE LM that trains on 2 CPU cores in a few minutes (`make train`).
-# Active parameters per token match tiny_dense.py; the MoE has 8x the FFN parameters in total.
+# The classic tiny MoE: 8 experts, GShard top-2 with token dropping (the default of `make train` until the
+# fine-grained tiny_finegrained.py beat the dense twin where this one does not; see README, `make compare`).
+# Active parameters per token match tiny_dense.py; the MoE has 8x the FFN parameters in total. Exports to
+# Hugging Face Mixtral.
 model_type = "INTERNLM_MoE"
 model = dict(
     num_layers=4,
