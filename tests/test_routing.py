@@ -410,19 +410,20 @@ def test_sequence_loss_is_the_mean_over_sequences():
 def test_balancing_loss_from_counts():
     logits = torch.randn(30, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
     out = top_k_gating(logits, 3)
-    args = (out.gate_prob_mean, out.first_choice_count, out.choice_count)
-    gshard = balancing_loss("gshard", *args, out.num_tokens, 3)
+    me, first, every = out.gate_prob_mean, out.first_choice_count, out.choice_count
+    assert out.balance_counts("gshard") is first and out.balance_counts("switch") is every
+    gshard = balancing_loss("gshard", me, first, out.num_tokens, 3)
     assert torch.equal(gshard, out.l_aux)
     assert torch.equal(gshard, load_balancing_loss(out.gate_prob_mean, out.first_choice_count / 30))
     # A tensor token count, as after an all-reduce, gives the same values.
-    assert torch.equal(balancing_loss("gshard", *args, torch.tensor(30.0), 3), gshard)
-    switch = balancing_loss("switch", *args, torch.tensor(30.0), 3)
+    assert torch.equal(balancing_loss("gshard", me, first, torch.tensor(30.0), 3), gshard)
+    switch = balancing_loss("switch", me, every, torch.tensor(30.0), 3)
     torch.testing.assert_close(switch, 6 / (30 * 3) * (out.choice_count * out.gate_prob_mean).sum())
-    torch.testing.assert_close(balancing_loss("switch", *args, 30, 3), switch)
+    torch.testing.assert_close(balancing_loss("switch", me, every, 30, 3), switch)
     switch.backward()
     assert logits.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="sequence"):
-        balancing_loss("sequence", *args, 30, 3)
+        balancing_loss("sequence", me, every, 30, 3)
 
 
 def test_sequence_loss_needs_a_dividing_sequence_length():

@@ -88,6 +88,10 @@ class GateOutput:
     def k(self) -> int:
         return self.expert_index.shape[1]
 
+    def balance_counts(self, balance_loss: str) -> torch.Tensor:
+        """(E,) the counts ``balancing_loss`` of this kind reads: first choices ("gshard") or all k ("switch")."""
+        return self.first_choice_count if balance_loss == "gshard" else self.choice_count
+
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
     """``ceil(k·S·cf/E)`` floored at ``min_capacity`` and capped at S (an expert never needs more than S slots).
@@ -110,18 +114,13 @@ def load_balancing_loss(gate_prob_mean: torch.Tensor, first_choice_fraction: tor
     return num_experts * torch.sum(gate_prob_mean * first_choice_fraction.detach())
 
 
-def local_balancing_loss(gate_prob_mean: torch.Tensor, first_choice_count: torch.Tensor,
-                         num_tokens: int) -> torch.Tensor:
-    """``load_balancing_loss`` over one group's tokens: ce = first-choice count / routed tokens."""
-    return load_balancing_loss(gate_prob_mean, first_choice_count / max(num_tokens, 1))
+def balancing_loss(balance_loss: str, gate_prob_mean: torch.Tensor, counts: torch.Tensor,
+                   num_tokens: Union[int, torch.Tensor], k: int) -> torch.Tensor:
+    """The balancing loss from routing counts (``GateOutput.balance_counts``), which the caller may have summed
+    over data-parallel ranks (``num_tokens`` S, int or tensor, then summed too). 1 at perfect balance; counts
+    carry no gradient.
 
-
-def balancing_loss(balance_loss: str, gate_prob_mean: torch.Tensor, first_choice_count: torch.Tensor,
-                   choice_count: torch.Tensor, num_tokens: Union[int, torch.Tensor], k: int) -> torch.Tensor:
-    """The balancing loss from routing counts, which the caller may have summed over data-parallel ranks
-    (``num_tokens`` S, int or tensor, then summed too). 1 at perfect balance; counts carry no gradient.
-
-    * ``"gshard"`` (GShard, DeepSpeed top-1/top-2): ``E·Σ_e me_e·first_e/S``;
+    * ``"gshard"`` (GShard, DeepSpeed top-1/top-2): ``E·Σ_e me_e·first_e/S``, counts = first choices;
     * ``"switch"`` (Switch at k=1, DeepSpeed ``topkgating``, Hugging Face Mixtral / Qwen-MoE):
       ``E/(S·k)·Σ_e me_e·count_e``, count_e = tokens having e among any of their k choices.
 
@@ -130,7 +129,6 @@ def balancing_loss(balance_loss: str, gate_prob_mean: torch.Tensor, first_choice
     if balance_loss not in ("gshard", "switch"):
         raise ValueError(f"balancing_loss computes 'gshard' or 'switch' from counts, not {balance_loss!r} "
                          f"('sequence' is per sequence: sequence_balancing_loss, which the gate computes)")
-    counts = first_choice_count if balance_loss == "gshard" else choice_count
     if isinstance(num_tokens, torch.Tensor):
         fraction = counts / num_tokens.clamp(min=1)
     else:
@@ -301,8 +299,8 @@ def top_k_gating(
                         balance_loss=balance_loss, expert_bias=expert_bias, num_expert_groups=num_expert_groups,
                         topk_groups=topk_groups, sequence_length=sequence_length)
     if balance_loss != "sequence":
-        out.l_aux = balancing_loss(balance_loss, out.gate_prob_mean, out.first_choice_count, out.choice_count,
-                                   out.num_tokens, k)
+        counts = out.balance_counts(balance_loss)
+        out.l_aux = balancing_loss(balance_loss, out.gate_prob_mean, counts, out.num_tokens, k)
     return out
 
 
@@ -338,16 +336,14 @@ def gshard_gating(
     scores = router_scores(logits, score_function)  # (S, E) g
     expert_index = choose_experts(logits, k, noisy_gate_policy, second_expert_policy, training,
                                   score_function=score_function, expert_bias=expert_bias,
-                                  num_expert_groups=num_expert_groups, topk_groups=topk_groups)  # (S, k)
+                                  num_expert_groups=num_expert_groups, topk_groups=topk_groups,
+                                  scores=scores)  # (S, k)
 
     num_tokens = logits.shape[0] if token_mask is None else int(token_mask.sum())
     num_experts = logits.shape[1]
     capacity = expert_capacity(num_tokens, num_experts, k, capacity_factor, min_capacity) if drop_tokens else None
-    pair_scores = scores.gather(1, expert_index) if capacity_priority == "probs" else None
-    kept, sorted_pairs, tokens_per_expert, capacity = assign_capacity(
-        expert_index, num_experts, capacity, token_mask, random_priority=use_rts, priority=capacity_priority,
-        pair_scores=pair_scores,
-    )
+    kept, sorted_pairs, tokens_per_expert, capacity = _fill_capacity(expert_index, scores, capacity, token_mask,
+                                                                     use_rts, capacity_priority)
     score_dist = normalised_scores(scores, score_function)  # (S, E) g', rows sum to 1
     gate_prob_mean, first_choice_count, z_loss, entropy = router_statistics(
         logits, score_dist, expert_index[:, 0], token_mask, num_tokens
@@ -355,21 +351,22 @@ def gshard_gating(
     l_aux = None
     if balance_loss == "sequence":
         l_aux = sequence_balancing_loss(score_dist, expert_index, token_mask, sequence_length)
+    weight = combine_weights(scores, expert_index, kept, norm_topk_prob, route_scale)
     return GateOutput(
-        expert_index=expert_index,
-        combine_weight=combine_weights(scores, expert_index, kept, norm_topk_prob, route_scale),
-        kept=kept,
-        capacity=capacity,
-        tokens_per_expert=tokens_per_expert,
-        sorted_pairs=sorted_pairs,
-        l_aux=l_aux,
-        z_loss=z_loss,
-        gate_prob_mean=gate_prob_mean,
-        first_choice_count=first_choice_count,
-        choice_count=choice_counts(expert_index, num_experts, token_mask),
-        router_entropy=entropy,
+        expert_index=expert_index, combine_weight=weight, kept=kept, capacity=capacity,
+        tokens_per_expert=tokens_per_expert, sorted_pairs=sorted_pairs,
+        l_aux=l_aux, z_loss=z_loss, gate_prob_mean=gate_prob_mean, first_choice_count=first_choice_count,
+        choice_count=choice_counts(expert_index, num_experts, token_mask), router_entropy=entropy,
         num_tokens=num_tokens,
     )
+
+
+def _fill_capacity(expert_index: torch.Tensor, scores: torch.Tensor, capacity: Optional[int],
+                   token_mask: Optional[torch.Tensor], use_rts: bool, capacity_priority: CapacityPriority):
+    """``assign_capacity`` for the gate; under "probs" the pairs queue by their unbiased score g."""
+    pair_scores = scores.gather(1, expert_index) if capacity_priority == "probs" else None
+    return assign_capacity(expert_index, scores.shape[1], capacity, token_mask, random_priority=use_rts,
+                           priority=capacity_priority, pair_scores=pair_scores)
 
 
 def router_scores(logits: torch.Tensor, score_function: ScoreFunction = "softmax") -> torch.Tensor:
@@ -411,8 +408,10 @@ def choose_experts(
     expert_bias: Optional[torch.Tensor] = None,
     num_expert_groups: int = 1,
     topk_groups: int = 1,
+    scores: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """(S, k) long, first choice in column 0: ``topk(g + expert_bias, k)`` within each token's best groups.
+    """(S, k) long, first choice in column 0: ``topk(g + expert_bias, k)`` within each token's best groups
+    (``scores``: g = ``router_scores(logits)``, if the caller has computed them already).
 
     Noise (training only) perturbs the logits before scoring: Gumbel noise for the first choice under
     ``RSample``, fresh Gumbel noise for choices 2..k under ``second_expert_policy="sampling"``. Without bias or
@@ -420,15 +419,15 @@ def choose_experts(
     code path and random-number stream.
     """
     plain = expert_bias is None and num_expert_groups <= 1
-    allowed = None
-    if not plain:
-        allowed = group_limited_mask(_biased_scores(logits, score_function, expert_bias), num_expert_groups,
-                                     topk_groups)
+    clean, allowed = None, None
+    if not plain:  # the noise-free choice scores, computed once: the group mask and the noise-free choices read them
+        clean = _biased_scores(logits, score_function, expert_bias, scores)
+        allowed = group_limited_mask(clean, num_expert_groups, topk_groups)
 
     def choice_scores(x: torch.Tensor) -> torch.Tensor:
         if plain:
             return x
-        biased = _biased_scores(x, score_function, expert_bias)
+        biased = clean if x is logits else _biased_scores(x, score_function, expert_bias)  # else: noisy logits
         return biased if allowed is None else biased.masked_fill(~allowed, float("-inf"))
 
     rsample = training and noisy_gate_policy == "RSample"
@@ -445,9 +444,11 @@ def choose_experts(
     return torch.cat([first.unsqueeze(1), torch.topk(rest, k - 1, dim=-1, sorted=True).indices], dim=1)
 
 
-def _biased_scores(logits: torch.Tensor, score_function: ScoreFunction,
-                   expert_bias: Optional[torch.Tensor]) -> torch.Tensor:
-    scores = router_scores(logits, score_function)
+def _biased_scores(logits: torch.Tensor, score_function: ScoreFunction, expert_bias: Optional[torch.Tensor],
+                   scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """g + expert_bias, from ``scores`` = ``router_scores(logits)`` when the caller already has them."""
+    if scores is None:
+        scores = router_scores(logits, score_function)
     return scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
 
 

@@ -24,7 +24,8 @@ from torch import nn
 from ...config import BalanceLoss, CapacityPriority, NoisyGatePolicy, ScoreFunction, SecondExpertPolicy
 from .dispatch import LocalDispatcher, expert_parallel_dispatcher
 from .experts import build_experts
-from .gating import GateOutput, balancing_loss, check_routing_options, check_routing_policies, check_token_mask, get_gate
+from .gating import (GateOutput, balancing_loss, check_routing_options, check_routing_policies, check_token_mask,
+                     get_gate)
 
 
 @dataclass
@@ -97,11 +98,10 @@ class MoECore(nn.Module):
         self.experts = experts
 
 
-def _check_layer_options(num_experts: int, ep_size: int, capacity_factor: float, eval_capacity_factor: float,
-                         min_capacity: int, noisy_gate_policy: NoisyGatePolicy,
-                         second_expert_policy: SecondExpertPolicy) -> None:
-    """ValueError for an ``MoE`` option out of range: checked once, when the layer is built (the routing options
-    themselves by ``check_routing_options``)."""
+def _check_layer_options(num_experts: int, ep_size: int, k: int, capacity_factor: float,
+                         eval_capacity_factor: float, min_capacity: int, noisy_gate_policy: NoisyGatePolicy,
+                         second_expert_policy: SecondExpertPolicy, use_rts: bool, routing_options: dict) -> None:
+    """ValueError for an ``MoE`` option out of range: checked once, when the layer is built."""
     if num_experts < 1 or ep_size < 1 or num_experts % ep_size != 0:
         raise ValueError(
             f"num_experts ({num_experts}) must be a positive multiple of ep_size ({ep_size}); "
@@ -111,6 +111,18 @@ def _check_layer_options(num_experts: int, ep_size: int, capacity_factor: float,
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
     check_routing_policies(min_capacity, noisy_gate_policy, second_expert_policy)
+    check_routing_options(k, num_experts, use_rts=use_rts, noisy_gate_policy=noisy_gate_policy, **routing_options)
+
+
+def _local_experts(expert: str, num_local_experts: int, hidden_size: int, intermediate_size: int,
+                   group_name: str) -> nn.Module:
+    """This rank's experts, each parameter tagged the way DeepSpeed's ZeRO and optimizer grouping recognise an
+    expert's (not all-reduced over all ranks: over the expert-data-parallel group ``group_name``)."""
+    experts = build_experts(expert, num_local_experts, hidden_size, intermediate_size)
+    for param in experts.parameters():
+        param.allreduce = False
+        param.group_name = group_name
+    return experts
 
 
 class MoE(DeepSpeedMoE):
@@ -173,14 +185,12 @@ class MoE(DeepSpeedMoE):
         topk_groups: int = 1,
     ):
         nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ would build its own gate and experts
-        _check_layer_options(num_experts, ep_size, capacity_factor, eval_capacity_factor, min_capacity,
-                             noisy_gate_policy, second_expert_policy)
         self.routing_options = dict(score_function=score_function, norm_topk_prob=norm_topk_prob,
                                     route_scale=route_scale, capacity_priority=capacity_priority,
                                     balance_loss=balance_loss, num_expert_groups=num_expert_groups,
                                     topk_groups=topk_groups)
-        check_routing_options(k, num_experts, use_rts=use_rts, noisy_gate_policy=noisy_gate_policy,
-                              **self.routing_options)
+        _check_layer_options(num_experts, ep_size, k, capacity_factor, eval_capacity_factor, min_capacity,
+                             noisy_gate_policy, second_expert_policy, use_rts, self.routing_options)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -200,11 +210,7 @@ class MoE(DeepSpeedMoE):
         self.gate_fn = get_gate(gate)
         if intermediate_size is None:
             intermediate_size = 4 * hidden_size
-        experts = build_experts(expert, self.num_local_experts, hidden_size, intermediate_size)
-        for param in experts.parameters():
-            # What DeepSpeed's ZeRO and optimizer grouping read to treat a parameter as an expert's.
-            param.allreduce = False
-            param.group_name = self.expert_group_name
+        experts = _local_experts(expert, self.num_local_experts, hidden_size, intermediate_size, self.expert_group_name)
         jitter = jitter_eps if noisy_gate_policy == "Jitter" else 0.0
         self.deepspeed_moe = MoECore(Router(hidden_size, num_experts, jitter, bias_balancing), experts)
         self.dispatcher: Optional[LocalDispatcher] = LocalDispatcher() if ep_size == 1 else None
@@ -273,11 +279,11 @@ class MoE(DeepSpeedMoE):
         kind = self.routing_options["balance_loss"]
         if kind == "sequence":
             return gate.l_aux
-        counts = gate.first_choice_count if kind == "gshard" else gate.choice_count
+        counts = gate.balance_counts(kind)
         if self.balance_over_data_parallel:
             counts = torch.cat([counts, counts.new_tensor([gate.num_tokens])])
             counts = self.dispatcher.sum_over_data_parallel(counts)
-            return balancing_loss(kind, gate.gate_prob_mean, counts[:-1], counts[:-1], counts[-1].clamp(min=1), self.k)
+            return balancing_loss(kind, gate.gate_prob_mean, counts[:-1], counts[-1], self.k)
         if gate.l_aux is not None:
             return gate.l_aux
-        return balancing_loss(kind, gate.gate_prob_mean, counts, counts, gate.num_tokens, self.k)
+        return balancing_loss(kind, gate.gate_prob_mean, counts, gate.num_tokens, self.k)
