@@ -26,7 +26,7 @@ def build(impl: str, **model) -> TransformerLM:
     return lm
 
 
-def per_expert_grads(model: TransformerLM) -> dict[str, torch.Tensor]:
+def per_expert_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameter gradients under state-dict names (our stacked expert grads cut per expert)."""
     grads = {}
     for name, param in model.named_parameters():
@@ -150,14 +150,7 @@ def deepspeed_layer(hidden: int, ffn: int, experts: int, k: int, cf: float = 1.2
 
 def layer_grads(layer: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Input and parameter gradients under state-dict names (stacked expert grads cut per expert)."""
-    grads = {"input": x.grad}
-    for name, param in layer.named_parameters():
-        stacked = parse_stacked(name)
-        if stacked is not None:
-            grads.update(zip(stacked_keys(*stacked, range(param.shape[0])), param.grad.unbind(0)))
-        else:
-            grads[name] = param.grad
-    return grads
+    return {"input": x.grad, **per_expert_grads(layer)}
 
 
 def forward_backward(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
