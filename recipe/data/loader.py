@@ -82,12 +82,13 @@ class TokenDataset:
 
     @property
     def tokenizer_sha256(self) -> str:
-        """SHA-256 of the tokenizer .model file the shards were made with."""
+        """SHA-256 of the tokenizer file the shards were made with (tokenizer.model or tokenizer.json)."""
         return str(self.meta["tokenizer_sha256"])
 
     @property
     def tokenizer_path(self) -> Path:
-        """The tokenizer model stored next to the shards."""
+        """The tokenizer file stored next to the shards: meta's ``tokenizer_model``, a SentencePiece
+        ``tokenizer.model`` or a Hugging Face ``tokenizer.json`` (its bos/eos ids are in ``meta``)."""
         return self.data_dir / self.meta["tokenizer_model"]
 
     def made_by(self, tokenizer_file: Path) -> bool:

@@ -3,20 +3,27 @@
 Layout of a prepared folder ``out_dir``::
 
     train.bin         flat array of token ids (dtype in meta), documents back to back,
-    val.bin           each followed by eos; np.memmap-able, no header
-    tokenizer.model   the SentencePiece model that made them
+    val.bin           each followed by eos (and led by bos when meta's bos_per_document);
+                      np.memmap-able, no header
+    tokenizer.model   the tokenizer that made them: a SentencePiece tokenizer.model or a
+      or .json        Hugging Face tokenizer.json (meta's tokenizer_model names which)
     meta.json         written last: its presence means the folder is complete
 
 The split is by whole documents: doc ids are put in a seeded order (sorted by
 ``sha256(f"{seed}:{doc_id}")``, independent of library versions), then every
 ``val_every``-th of them, starting with the first, goes to validation. Shards
 hold documents in that order. The tokenizer is trained on training documents
-only, so validation text is unseen by it too.
+only, so validation text is unseen by it too. A given tokenizer (``--tokenizer``:
+a ``.model``, a ``tokenizer.json`` or a Hugging Face model folder) is used as is;
+its bos/eos are recorded in meta, and documents start with bos when its
+``tokenizer_config.json`` says ``add_bos_token``.
 
 CLI::
 
     python -m recipe.data.prepare --source PATH --out DIR --vocab-size N \
-        [--tokenizer FILE] [--val-every 10] [--seed 0]
+        [--val-every 10] [--seed 0]
+    python -m recipe.data.prepare --source PATH --out DIR --tokenizer FILE_OR_HF_FOLDER \
+        [--vocab-size N] [--val-every 10] [--seed 0]
     python -m recipe.data.prepare --default      # SOTU corpus -> data/sotu/
 """
 
@@ -36,13 +43,22 @@ from typing import Literal, get_args
 import numpy as np
 
 from recipe.data.corpus import fetch_sotu, read_documents
-from recipe.data.tokenizer import Tokenizer, train_tokenizer
+from recipe.data.tokenizer import (
+    HF_TOKENIZER_FILE,
+    SP_TOKENIZER_FILE,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 FORMAT_VERSION = 1
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_OUT_DIR = Path("data/sotu")  # --default: raw speeches go to DEFAULT_OUT_DIR / "raw"
 META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = SP_TOKENIZER_FILE  # the trained tokenizer's name; a given one keeps its kind's name
+TOKENIZER_FILES = (SP_TOKENIZER_FILE, HF_TOKENIZER_FILE)
+AnyTokenizer = Tokenizer | HFTokenizer
 Split = Literal["train", "val"]
 SPLITS = get_args(Split)
 _ENCODE_CHUNK_DOCS = 256  # documents encoded and written per step (bounds memory)
@@ -51,7 +67,7 @@ _ENCODE_CHUNK_DOCS = 256  # documents encoded and written per step (bounds memor
 def prepare_dataset(
     source: Path,
     out_dir: Path,
-    vocab_size: int,
+    vocab_size: int | None,
     tokenizer_model: Path | None = None,
     val_every: int = 10,
     seed: int = 0,
@@ -60,7 +76,9 @@ def prepare_dataset(
     """Prepare ``out_dir`` from the documents under ``source``; return its meta dict.
 
     Trains a ``vocab_size`` BPE tokenizer on the training documents unless
-    ``tokenizer_model`` is given (its vocabulary size must equal ``vocab_size``).
+    ``tokenizer_model`` is given (a ``.model``, a ``tokenizer.json`` or a Hugging
+    Face model folder, see ``load_tokenizer``; ``vocab_size`` may then be None,
+    else it must equal the tokenizer's).
     If ``out_dir`` already holds a complete result for the same corpus content
     and settings, it is reused as is. Files are staged in a hidden temp folder
     inside ``out_dir`` and moved into place with ``meta.json`` last (and the old
@@ -71,13 +89,15 @@ def prepare_dataset(
     """
     start = time.perf_counter()
     source, out_dir = Path(source), Path(out_dir)
-    if not isinstance(vocab_size, int) or vocab_size < 1:
+    if vocab_size is None and tokenizer_model is None:
+        raise ValueError("vocab_size is needed to train a tokenizer; pass --vocab-size N, or --tokenizer")
+    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     docs = dict(read_documents(source))  # doc_id -> text, in corpus order
     given = _load_given_tokenizer(tokenizer_model, vocab_size)
     settings = {
         "format_version": FORMAT_VERSION,
-        "vocab_size": vocab_size,
+        "vocab_size": given.vocab_size if given is not None else vocab_size,
         "seed": seed,
         "val_every": val_every,
         "corpus_sha256": corpus_sha256(docs),
@@ -89,7 +109,7 @@ def prepare_dataset(
         return reused
 
     doc_ids = dict(zip(SPLITS, split_documents(list(docs), val_every, seed)))  # split -> doc ids
-    meta, tok_seconds = _stage_and_publish(out_dir, source, docs, doc_ids, settings, tokenizer_model)
+    meta, tok_seconds = _stage_and_publish(out_dir, source, docs, doc_ids, settings, given)
     what = "given" if given is not None else f"trained in {tok_seconds:.1f} s"
     _log(
         verbose,
@@ -100,17 +120,39 @@ def prepare_dataset(
     return meta
 
 
-def _load_given_tokenizer(tokenizer_model: Path | None, vocab_size: int) -> Tokenizer | None:
-    """The tokenizer passed with ``--tokenizer`` (None when one is to be trained); its vocab must match."""
+def _load_given_tokenizer(tokenizer_model: Path | None, vocab_size: int | None) -> AnyTokenizer | None:
+    """The tokenizer passed with ``--tokenizer`` (None when one is to be trained); its vocab must match
+    ``vocab_size`` when that is given, and it must have the eos (and bos) the shards need."""
     if tokenizer_model is None:
         return None
-    given = Tokenizer(tokenizer_model)
-    if given.vocab_size != vocab_size:
+    given = load_tokenizer(tokenizer_model)
+    if vocab_size is not None and given.vocab_size != vocab_size:
         raise ValueError(
             f"--vocab-size {vocab_size} does not match the tokenizer {tokenizer_model} "
-            f"(vocab size {given.vocab_size}); pass --vocab-size {given.vocab_size}"
+            f"(vocab size {given.vocab_size}); pass --vocab-size {given.vocab_size} or drop --vocab-size"
         )
+    _check_special_ids(given, tokenizer_model)
     return given
+
+
+def _check_special_ids(tok: AnyTokenizer, where: Path | None) -> None:
+    """ValueError unless ``tok`` has an eos (documents are separated by it) and a bos when it asks for one."""
+    if isinstance(tok, HFTokenizer):
+        if tok.eos_id < 0:
+            raise ValueError(
+                f"tokenizer {where} has no eos token; documents are separated by eos. Set eos_token_id in "
+                "its folder's config.json (or eos_token in tokenizer_config.json)"
+            )
+        if tok.add_bos_token and tok.bos_id < 0:
+            raise ValueError(
+                f"tokenizer {where} asks for a bos token (add_bos_token) but names none; set bos_token_id "
+                "in its folder's config.json or add_bos_token false in tokenizer_config.json"
+            )
+    elif tok.eos_id < 0:
+        raise ValueError(
+            f"tokenizer {where} has no eos piece; documents are separated by eos. "
+            "Retrain it with recipe.data.tokenizer.train_tokenizer (eos id 2)"
+        )
 
 
 def _stage_and_publish(
@@ -119,7 +161,7 @@ def _stage_and_publish(
     docs: dict[str, str],
     doc_ids: dict[str, list[str]],
     settings: dict,
-    tokenizer_model: Path | None,
+    given: AnyTokenizer | None,
 ) -> tuple[dict, float]:
     """Write tokenizer, shards and meta into a hidden staging folder of ``out_dir``, then move them
     into place (``_publish``); return the meta and the seconds the tokenizer took."""
@@ -129,12 +171,13 @@ def _stage_and_publish(
     staging.mkdir()
     try:
         tok_start = time.perf_counter()
-        tok = _stage_tokenizer(staging, docs, doc_ids["train"], settings["vocab_size"], settings["seed"],
-                               tokenizer_model)
+        tok, tok_name = _stage_tokenizer(staging, docs, doc_ids["train"], settings["vocab_size"],
+                                         settings["seed"], given)
         tok_seconds = time.perf_counter() - tok_start
         dtype = shard_dtype(tok.vocab_size)
+        bos = tok.bos_id if tok.add_bos_token else None  # add_bos_token implies bos_id >= 0 (checked)
         counts = {
-            split: _write_shard(staging / f"{split}.bin", [docs[d] for d in doc_ids[split]], tok, dtype)
+            split: _write_shard(staging / f"{split}.bin", [docs[d] for d in doc_ids[split]], tok, dtype, bos)
             for split in SPLITS
         }
         meta = {
@@ -143,7 +186,8 @@ def _stage_and_publish(
             "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id,
             "bos_id": tok.bos_id,
-            "tokenizer_model": TOKENIZER_FILE,
+            "bos_per_document": bos is not None,
+            "tokenizer_model": tok_name,
             "tokenizer_sha256": tok.sha256,
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
@@ -152,7 +196,7 @@ def _stage_and_publish(
             "source": str(source),
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        _publish(staging, out_dir)
+        _publish(staging, out_dir, tok_name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta, tok_seconds
@@ -203,37 +247,38 @@ def _stage_tokenizer(
     train_ids: list[str],
     vocab_size: int,
     seed: int,
-    tokenizer_model: Path | None,
-) -> Tokenizer:
-    """Put ``tokenizer.model`` in ``staging`` (trained on train docs, or copied) and load it."""
-    target = staging / TOKENIZER_FILE
-    if tokenizer_model is not None:
-        shutil.copyfile(tokenizer_model, target)
-    else:
-        text_file = staging / "tokenizer_train.txt"
-        text_file.write_text("\n".join(docs[d] for d in train_ids), encoding="utf-8")
-        trained = train_tokenizer([text_file], staging / "tokenizer", vocab_size, seed=seed)
-        text_file.unlink()
-        assert trained == target
-    tok = Tokenizer(target)
-    if tok.eos_id < 0:
-        raise ValueError(
-            f"tokenizer {tokenizer_model} has no eos piece; documents are separated by eos. "
-            "Retrain it with recipe.data.tokenizer.train_tokenizer (eos id 2)"
-        )
-    return tok
+    given: AnyTokenizer | None,
+) -> tuple[AnyTokenizer, str]:
+    """Put the tokenizer file in ``staging`` (trained on train docs as ``tokenizer.model``, or the given
+    one copied under its kind's name); return the tokenizer and that name."""
+    if given is not None:
+        # The given object is used, not the copy: an HF tokenizer's bos/eos come from its model folder.
+        name = HF_TOKENIZER_FILE if isinstance(given, HFTokenizer) else SP_TOKENIZER_FILE
+        shutil.copyfile(given.model_path, staging / name)
+        if hashlib.sha256((staging / name).read_bytes()).hexdigest() != given.sha256:
+            raise ValueError(f"{given.model_path} changed while preparing; run the preparation again")
+        return given, name
+    text_file = staging / "tokenizer_train.txt"
+    text_file.write_text("\n".join(docs[d] for d in train_ids), encoding="utf-8")
+    trained = train_tokenizer([text_file], staging / "tokenizer", vocab_size, seed=seed)
+    text_file.unlink()
+    assert trained == staging / TOKENIZER_FILE
+    tok = Tokenizer(trained)
+    _check_special_ids(tok, trained)
+    return tok, TOKENIZER_FILE
 
 
-def _write_shard(path: Path, texts: list[str], tok: Tokenizer, dtype: type) -> int:
-    """Write each text's ids followed by eos to ``path``; return the token count."""
+def _write_shard(path: Path, texts: list[str], tok: AnyTokenizer, dtype: type, bos: int | None = None) -> int:
+    """Write each text's ids followed by eos (led by ``bos`` unless None) to ``path``; return the token count."""
     total = 0
     unk = 0
+    lead = [np.array([bos], dtype=np.int64)] if bos is not None else []
     with open(path, "wb") as f:
         for i in range(0, len(texts), _ENCODE_CHUNK_DOCS):
             encoded = tok.encode_batch(texts[i : i + _ENCODE_CHUNK_DOCS])
             eos = np.array([tok.eos_id], dtype=np.int64)
-            parts = [a for ids in encoded for a in (np.asarray(ids, dtype=np.int64), eos)]
-            flat = np.concatenate(parts)  # (tokens,) docs back to back, each + eos
+            parts = [a for ids in encoded for a in (*lead, np.asarray(ids, dtype=np.int64), eos)]
+            flat = np.concatenate(parts)  # (tokens,) docs back to back, each [+ bos] + ids + eos
             if flat.size and (flat.min() < 0 or flat.max() >= tok.vocab_size):
                 raise ValueError(f"tokenizer produced ids outside [0, {tok.vocab_size})")
             unk += int(np.count_nonzero(flat == tok.unk_id))
@@ -248,28 +293,35 @@ def _write_shard(path: Path, texts: list[str], tok: Tokenizer, dtype: type) -> i
     return total
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
+def _publish(staging: Path, out_dir: Path, tokenizer_name: str) -> None:
     """Move staged files into ``out_dir``: old meta removed first, new meta last."""
     (out_dir / META_FILE).unlink(missing_ok=True)
-    for name in [f"{s}.bin" for s in SPLITS] + [TOKENIZER_FILE, META_FILE]:
+    for stale in TOKENIZER_FILES:  # a tokenizer of the other kind from an earlier run would mislead
+        if stale != tokenizer_name:
+            (out_dir / stale).unlink(missing_ok=True)
+    for name in [f"{s}.bin" for s in SPLITS] + [tokenizer_name, META_FILE]:
         os.replace(staging / name, out_dir / name)
 
 
-def _reusable_meta(out_dir: Path, settings: dict, given: Tokenizer | None) -> dict | None:
-    """The existing meta of ``out_dir`` if it is complete and made with ``settings``."""
+def _reusable_meta(out_dir: Path, settings: dict, given: AnyTokenizer | None) -> dict | None:
+    """The existing meta of ``out_dir`` if it is complete and made with ``settings`` (and ``given``)."""
     meta = load_meta(out_dir)
     if meta is None or any(meta.get(k) != v for k, v in settings.items()):
         return None
-    if given is not None and meta.get("tokenizer_sha256") != given.sha256:
-        return None
-    return meta
+    if given is None:
+        return meta
+    # An HF tokenizer's bos/eos live in its folder's configs, outside the hashed file: compare them too.
+    made_with = (meta.get("tokenizer_sha256"), meta.get("eos_id"), meta.get("bos_id"),
+                 meta.get("bos_per_document", False))  # older metas lack the key: they wrote no bos
+    return meta if made_with == (given.sha256, given.eos_id, given.bos_id, given.add_bos_token) else None
 
 
 def load_meta(out_dir: Path) -> dict | None:
     """Meta of a complete prepared folder, or None if absent/incomplete/inconsistent.
 
     Complete means: meta.json parses, the shards exist with exactly
-    ``tokens * itemsize`` bytes, and tokenizer.model matches its recorded hash.
+    ``tokens * itemsize`` bytes, and the tokenizer file (``tokenizer_model``:
+    tokenizer.model or tokenizer.json) matches its recorded hash.
     """
     meta_path = Path(out_dir) / META_FILE
     try:
@@ -299,11 +351,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--source", type=Path, help="a .txt/.jsonl file or a folder of them")
     parser.add_argument("--out", type=Path, help="output folder for shards and meta.json")
     parser.add_argument(
-        "--vocab-size", type=int, help=f"tokenizer vocabulary size (--default: {DEFAULT_VOCAB_SIZE})"
-    )
+        "--vocab-size", type=int,
+        help=f"vocabulary size of the tokenizer to train (--default: {DEFAULT_VOCAB_SIZE}); with --tokenizer "
+             "optional, checked against it",
+    )  # fmt: skip
     parser.add_argument(
-        "--tokenizer", type=Path, help="use this SentencePiece .model instead of training one"
-    )
+        "--tokenizer", type=Path,
+        help="use this tokenizer instead of training one: a SentencePiece .model, a Hugging Face "
+             "tokenizer.json, or a Hugging Face model folder",
+    )  # fmt: skip
     parser.add_argument("--val-every", type=int, default=10, help="every N-th document goes to validation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and tokenizer training")
     parser.add_argument(
@@ -334,10 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = fetch_sotu(raw_dir)
             print(f"corpus: {len(files)} speeches in {raw_dir} ({time.perf_counter() - fetch_start:.1f} s)")
             args.source = raw_dir
-        vocab_size = args.vocab_size
-        if vocab_size is None:
-            vocab_size = Tokenizer(args.tokenizer).vocab_size
-        prepare_dataset(args.source, args.out, vocab_size, args.tokenizer, args.val_every, args.seed)
+        prepare_dataset(args.source, args.out, args.vocab_size, args.tokenizer, args.val_every, args.seed)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -10,19 +10,25 @@ Contract of every model trained here:
 * Fixed ids: ``<unk>`` = 0, ``<s>`` (bos) = 1, ``</s>`` (eos) = 2, no pad piece.
 * Deterministic: the same inputs and settings give a byte-identical ``.model``
   file (fixed thread count and random seed, no file paths stored in the model).
+
+A run started from a Hugging Face model uses that model's own ``tokenizer.json``
+instead (``HFTokenizer``, read with the ``tokenizers`` package, same interface).
+``load_tokenizer`` takes either kind of file, or a model folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import sentencepiece as spm
+import tokenizers
 
 UNK_ID = 0
 BOS_ID = 1
@@ -195,6 +201,9 @@ class Tokenizer:
     that U+2581 ("▁") in ``s`` decodes as a space (SentencePiece's space marker).
     """
 
+    # Documents are written as ids + [eos]; only HFTokenizer can ask for a leading bos.
+    add_bos_token: bool = False
+
     def __init__(self, model_path: Path) -> None:
         """Load ``model_path``; FileNotFoundError if missing, ValueError if not a model."""
         self.model_path = Path(model_path)
@@ -258,3 +267,190 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
+
+
+# --------------------------------------------------------------------------- #
+# Hugging Face tokenizer.json
+# --------------------------------------------------------------------------- #
+
+HF_TOKENIZER_FILE = "tokenizer.json"  # what transformers loads first from a model folder
+SP_TOKENIZER_FILE = "tokenizer.model"
+# Files of a Hugging Face model folder that name bos/eos, in the order they are asked.
+_ID_CONFIGS = ("config.json", "generation_config.json")
+_TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json``, with the interface of ``Tokenizer``.
+
+    Encoding never adds special tokens (no post-processor bos); callers do.
+    bos/eos come from the model folder around the file (``config.json``, then
+    ``generation_config.json``, then ``tokenizer_config.json``'s token strings),
+    -1 when none names them; ``add_bos_token`` from ``tokenizer_config.json``.
+    """
+
+    def __init__(self, model_path: Path) -> None:
+        """Load ``model_path``; FileNotFoundError if missing, ValueError if not a tokenizer.json."""
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer file not found: {self.model_path}; pass the tokenizer.json of a "
+                "Hugging Face model (or the model folder)"
+            )
+        data = self.model_path.read_bytes()
+        self.sha256: str = hashlib.sha256(data).hexdigest()
+        # Parse the bytes that were hashed, so sha256 names exactly what was loaded.
+        try:
+            spec = json.loads(data.decode("utf-8"))
+            self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # tokenizers raises a bare Exception on bad input
+            raise ValueError(
+                f"{self.model_path} is not a valid Hugging Face tokenizer.json ({str(err)[:80]}); "
+                "download it again from the model repository"
+            ) from None
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise ValueError(f"{self.model_path} has an empty vocabulary; use a trained tokenizer.json")
+        self._vocab_size = max(vocab.values()) + 1  # ids may have holes: the id range is what counts
+        self._unk_id = self._model_unk_id(spec.get("model") or {})
+        folder = self.model_path.parent
+        tokenizer_config = _read_json_config(folder / _TOKENIZER_CONFIG)
+        self._bos_id = self._special_id(folder, tokenizer_config, "bos")
+        self._eos_id = self._special_id(folder, tokenizer_config, "eos")
+        add_bos = tokenizer_config.get("add_bos_token")
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise ValueError(
+                f"{folder / _TOKENIZER_CONFIG}: add_bos_token must be true or false, got {add_bos!r}; fix the file"
+            )
+        self.add_bos_token: bool = bool(add_bos)
+
+    def _model_unk_id(self, model: dict) -> int:
+        """The model's unknown-token id (Unigram stores an id, the others a token), -1 when none."""
+        if isinstance(model.get("unk_id"), int):
+            return int(model["unk_id"])
+        unk = model.get("unk_token")
+        found = self._tok.token_to_id(unk) if isinstance(unk, str) else None
+        return -1 if found is None else int(found)
+
+    def _special_id(self, folder: Path, tokenizer_config: dict, kind: str) -> int:
+        """Id of the ``kind`` ("bos"/"eos") token from the model folder's configs, -1 when none names it."""
+        for name in _ID_CONFIGS:
+            value = _read_json_config(folder / name).get(f"{kind}_token_id")
+            if isinstance(value, list):  # e.g. several eos ids: the first is the canonical one
+                value = value[0] if value else None
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self._vocab_size:
+                raise ValueError(
+                    f"{folder / name}: {kind}_token_id {value!r} is not an id in [0, {self._vocab_size}) of "
+                    f"{self.model_path.name}; fix the file or use the matching tokenizer"
+                )
+            return value
+        token = tokenizer_config.get(f"{kind}_token")
+        if isinstance(token, dict):  # AddedToken serialised as {"content": ..., ...}
+            token = token.get("content")
+        if not isinstance(token, str):
+            return -1
+        found = self._tok.token_to_id(token)
+        if found is None:
+            raise ValueError(
+                f"{folder / _TOKENIZER_CONFIG}: {kind}_token {token!r} is not in {self.model_path.name}; "
+                "fix the file or use the matching tokenizer"
+            )
+        return int(found)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids (max id + 1, added tokens included); every id is in ``[0, vocab_size)``."""
+        return self._vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the eos token named by the model folder, or -1 if none is."""
+        return self._eos_id
+
+    @property
+    def bos_id(self) -> int:
+        """Id of the bos token named by the model folder, or -1 if none is."""
+        return self._bos_id
+
+    @property
+    def unk_id(self) -> int:
+        """Id of the model's unknown token, or -1 if it has none."""
+        return self._unk_id
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+        """Token ids of each text. ``num_threads=1`` encodes serially; otherwise in parallel on the
+        ``tokenizers`` thread pool (all cores, or ``RAYON_NUM_THREADS``: it has no per-call size)."""
+        texts = list(texts)
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"encode_batch expects a list of str, got {bad[0]}")
+        if num_threads == 1:
+            return [self.encode(t) for t in texts]
+        return [list(e.ids) for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (special tokens kept); ValueError if an id is outside ``[0, vocab_size)``."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        return str(self._tok.decode(ids, skip_special_tokens=False))
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
+
+
+def _read_json_config(path: Path) -> dict[str, Any]:
+    """A model folder's JSON config as a dict ({} when absent); ValueError naming the file if unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); download it again or delete it") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}; fix or delete it")
+    return value
+
+
+def tokenizer_file(path: Path) -> Path:
+    """The file ``load_tokenizer(path)`` reads: ``path`` itself, or a model folder's
+    ``tokenizer.json`` (what transformers uses), else its ``tokenizer.model``.
+
+    FileNotFoundError/ValueError with the fix when there is none.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in (HF_TOKENIZER_FILE, SP_TOKENIZER_FILE):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(
+            f"no {HF_TOKENIZER_FILE} or {SP_TOKENIZER_FILE} in {path}; pass a Hugging Face model folder "
+            "that has one, or the tokenizer file itself"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer not found: {path}; pass a SentencePiece .model, a Hugging Face tokenizer.json "
+            "or a model folder holding one"
+        )
+    if path.suffix not in (".model", ".json"):
+        raise ValueError(
+            f"{path} is not a tokenizer file (looked for a SentencePiece .model or a Hugging Face "
+            "tokenizer.json); pass one of those or a model folder"
+        )
+    return path
+
+
+def load_tokenizer(path: Path) -> Tokenizer | HFTokenizer:
+    """A SentencePiece ``.model`` -> ``Tokenizer``; a ``tokenizer.json`` -> ``HFTokenizer``; a folder ->
+    its ``tokenizer.json``, else its ``tokenizer.model`` (see ``tokenizer_file``)."""
+    file = tokenizer_file(path)
+    return HFTokenizer(file) if file.suffix == ".json" else Tokenizer(file)
