@@ -7,9 +7,9 @@ MoE options from the user) -> ``check_upcycle`` -> ``upcycled_state`` on each ex
 The scheme (granular upcycling, as Megatron-core's ``upcycling_utils``, but exact for SwiGLU). The dense FFN
 ``FFN(x) = W2 (silu(W1 x) ⊙ W3 x)`` of width D is cut into G = D / F slices of F hidden units: slice g is rows
 g·F..(g+1)·F of W1 and W3 and the same columns of W2. SwiGLU is a sum over its hidden units, so
-``Σ_g FFN_g(x) = FFN(x)`` exactly, up to the order of the float additions. The E = N·G routed experts are N copies of the
-dense FFN, each cut in G: expert e is slice e % G of copy e // G (copy-major: a copy's G slices sit side by
-side, on one rank when E_local is a multiple of G), with its W2 slice scaled by G (below).
+``Σ_g FFN_g(x) = FFN(x)`` exactly, up to the order of the float additions. The E = N·G routed experts are
+N copies of the dense FFN, each cut in G: expert e is slice e % G of copy e // G (copy-major: a copy's G
+slices sit side by side, on one rank when E_local is a multiple of G), with its W2 slice scaled by G (below).
 
 Why the MoE output equals FFN(x) at step 0:
 * the router row of every expert of copy c is the same vector r_c (Normal(0, init_std), drawn per copy), so
