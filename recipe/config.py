@@ -39,6 +39,8 @@ ScoreFunction = Literal["softmax", "sigmoid"]  # router scores: softmax over exp
 CapacityPriority = Literal["choice", "position", "probs"]  # who is kept when an expert overflows
 BalanceLoss = Literal["gshard", "switch", "sequence"]  # the balancing loss l_aux
 QKNorm = Literal["none", "head", "full"]  # RMSNorm on q and k: off, per head (Qwen3-MoE), over all heads (OLMoE)
+# The transformers class a model was imported from (recipe/hf_format.py); export writes the same one back.
+HFArchitecture = Literal[None, "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 WandbMode = Literal["offline", "online", "disabled"]  # "offline" needs no account or network
 
 
@@ -103,6 +105,7 @@ class ModelConfig:
     moe_gate: str = "gshard"
     moe_balance_over_data_parallel: bool = True
     moe_impl: MoEImpl = "recipe"
+    hf_architecture: HFArchitecture = None  # set by `train.init_from = "hf:DIR"`; None: export picks the class
 
     @property
     def resolved_head_dim(self) -> int:
@@ -155,6 +158,10 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 2
     resume: bool = False
+    # Start a fresh run from other weights (recipe/init_from.py): "hf:DIR", a Hugging Face MoE folder (its
+    # config.json gives the architecture), or "upcycle:SOURCE", a dense recipe run or Hugging Face dense folder
+    # copied into this config's MoE. Ignored on --resume: the checkpoint holds the weights then.
+    init_from: Optional[str] = None
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before stopping
     wandb: WandbMode = "offline"
     wandb_project: str = "moe-recipe"
@@ -300,11 +307,18 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Reci
     return config_from_dict(raw, overrides, source=str(path))
 
 
-def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: str = "") -> RecipeConfig:
+def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: str = "",
+                     resolve_init_from: bool = True) -> RecipeConfig:
+    """The validated config of raw sections; with ``train.init_from`` (and ``resolve_init_from``) the model section
+    is first filled in from the source's config.json (recipe/init_from.py)."""
     raw = {name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()}
     for text in overrides or []:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})[key] = value
+    if resolve_init_from:
+        from . import init_from  # imports no torch; reads the source's config.json only when the key is set
+
+        raw = init_from.resolve(raw)
     model_type = raw.get("model_type", "INTERNLM_MoE")
     model_types = typing.get_args(ModelType)
     if not _is_choice(model_type, model_types):
@@ -313,6 +327,10 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: s
     sections = {name: _build_section(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
     config = RecipeConfig(model_type=model_type, source=source, **sections)
     validate(config)
+    if resolve_init_from and config.train.init_from is not None:
+        from . import init_from
+
+        init_from.check(config)
     return config
 
 
@@ -468,4 +486,5 @@ def parameter_counts(config: RecipeConfig) -> dict[str, int]:
 def config_from_saved(saved: dict) -> RecipeConfig:
     """A config from its ``to_dict()`` form (config.json, checkpoints); keys added to the recipe since it was
     saved take their defaults, so older runs still load, resume and export."""
-    return config_from_dict({k: v for k, v in saved.items() if k != "source"}, source=saved.get("source", ""))
+    return config_from_dict({k: v for k, v in saved.items() if k != "source"}, source=saved.get("source", ""),
+                            resolve_init_from=False)  # resolved when the run started; the source may be gone

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import checkpoint_root, consolidated_state_dict
 from .config import config_from_saved
-from .data.tokenizer import Tokenizer
+from .data.tokenizer import load_tokenizer, tokenizer_file
 from .model.transformer import TransformerLM
 
 DEFAULT_PROMPTS = ("The state of the Union", "Our economy", "In the coming year, we will")
@@ -57,10 +57,11 @@ def sample(model, prompt_ids: list[int], max_new_tokens: int, temperature: float
 def print_samples(run_dir: str | Path, num_samples: int = 3, prompts: Optional[list[str]] = None,
                   max_new_tokens: int = 60, temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> list[str]:
     run_dir = Path(run_dir)
-    tokenizer_path = run_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"{tokenizer_path} not found; it is copied there when training starts")
-    tokenizer = Tokenizer(tokenizer_path)
+    try:
+        tokenizer = load_tokenizer(tokenizer_file(run_dir))  # tokenizer.json or tokenizer.model, copied at start
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {run_dir}; it is copied there when "
+                                f"training starts") from None
     model, _ = load_model(run_dir)
     generator = torch.Generator().manual_seed(seed)
     prompts = list(prompts or DEFAULT_PROMPTS)

@@ -40,6 +40,7 @@ of a copy (their outputs differ) and between copies (their router rows differ): 
 from __future__ import annotations
 
 import dataclasses
+import json
 import zlib
 from pathlib import Path
 from typing import Any, Optional
@@ -335,18 +336,17 @@ def upcycled_state(dense_state: dict, config: RecipeConfig, ep_rank: int, num_lo
 
 # ---- a dense recipe run as the source --------------------------------------------------------------------------
 
-def read_recipe_run(run_dir: str | Path) -> tuple[dict, dict]:
-    """(the source's resolved model section, its dense state dict in float32) from a dense recipe run's
-    newest complete checkpoint."""
-    run_dir = Path(run_dir)
+def _check_run_folder(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"upcycling source {run_dir} is not a folder; pass a dense recipe run folder "
                                 f"(holding checkpoints/) or a Hugging Face model folder")
     if latest_tag(run_dir) is None:
         raise FileNotFoundError(f"upcycling source {run_dir} has no complete checkpoint in "
                                 f"{checkpoint_root(run_dir)}; let the dense run save one (train.save_every) first")
-    state, client = consolidated_state_dict(checkpoint_root(run_dir))
-    saved: Optional[dict] = client.get("config")
+
+
+def _dense_source_model(saved: Optional[dict], run_dir: Path) -> dict:
+    """The resolved model section of a saved run config, refused unless the run is dense."""
     if saved is None:
         raise ConfigError(f"upcycling source {run_dir}: its checkpoint records no config; it was not saved by "
                           f"the recipe's trainer: pass a dense recipe run folder")
@@ -355,5 +355,27 @@ def read_recipe_run(run_dir: str | Path) -> tuple[dict, dict]:
         raise ConfigError(f"upcycling source {run_dir} is a model_type={config.model_type!r} run; upcycling starts "
                           f"from a dense one (model_type='INTERNLM'): pass a dense run, or continue this one with "
                           f"train.resume=True")
+    return source_model_dict(config.model)
+
+
+def read_recipe_run_model(run_dir: str | Path) -> dict:
+    """The resolved model section of a dense recipe run, from its config.json (no weights read): what the
+    upcycled config is built from before any rank starts."""
+    run_dir = Path(run_dir)
+    _check_run_folder(run_dir)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        saved = None
+    return _dense_source_model(saved, run_dir)
+
+
+def read_recipe_run(run_dir: str | Path) -> tuple[dict, dict]:
+    """(the source's resolved model section, its dense state dict in float32) from a dense recipe run's
+    newest complete checkpoint."""
+    run_dir = Path(run_dir)
+    _check_run_folder(run_dir)
+    state, client = consolidated_state_dict(checkpoint_root(run_dir))
+    model = _dense_source_model(client.get("config"), run_dir)
     dense = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
-    return source_model_dict(config.model), dense
+    return model, dense

@@ -77,12 +77,16 @@ def export_and_compare(tmp_path, config, ours):
     (dict(moe_gate_k=2, moe_num_shared_experts=2, moe_shared_expert_intermediate_size=20,
           moe_shared_expert_gate=True), "qwen2_moe"),
     (dict(moe_gate_k=2, moe_dense_first_layers=1, intermediate_size=40, moe_intermediate_size=24), "qwen2_moe"),
+    (dict(moe_gate_k=2, qk_norm="head", num_key_value_heads=2, head_dim=12), "qwen3_moe"),
+    (dict(moe_gate_k=1, qk_norm="head", moe_layer_freq=2, intermediate_size=40), "qwen3_moe"),
+    (dict(moe_gate_k=3, qk_norm="full", num_key_value_heads=2, moe_norm_topk_prob=False), "olmoe"),
+    (dict(moe_gate_k=2, qk_norm="full", tie_word_embeddings=True), "olmoe"),
 ])
 def test_attention_and_expert_options_export_exactly(tmp_path, model, arch):
     config, ours = build(**model)
-    with torch.no_grad():  # random biases and a decisive shared gate, so that dropping either would show
+    with torch.no_grad():  # random biases, q/k norms and a decisive shared gate, so that dropping one would show
         for name, param in ours.named_parameters():
-            if name.endswith(".bias") or "shared_gate" in name:
+            if name.endswith((".bias", "q_norm.weight", "k_norm.weight")) or "shared_gate" in name:
                 param.normal_(0, 0.5)
     assert hf_architecture(config) == arch
     exported = export_and_compare(tmp_path, config, ours)
@@ -110,8 +114,11 @@ def test_raw_top2_scores_export_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(qk_norm="head"), "`model.qk_norm='head'`: Mixtral and Qwen2-MoE have no q/k norm"),
-    (dict(qk_norm="full"), "`model.qk_norm='full'`"),
+    (dict(qk_norm="head", qkv_bias=True), "`model.qkv_bias=True`: Qwen3MoeForCausalLM has no q/k/v biases"),
+    (dict(qk_norm="head", moe_num_shared_experts=1, moe_shared_expert_gate=True),
+     "`model.moe_num_shared_experts=1`: Qwen3MoeForCausalLM has no shared expert"),
+    (dict(qk_norm="full", moe_layer_freq=2), "dense FFN layers (`model.moe_layer_freq`"),
+    (dict(qk_norm="full", head_dim=12), "`model.head_dim=12`: OlmoeForCausalLM has heads x head_dim = hidden_size"),
     (dict(moe_score_function="sigmoid"), "`model.moe_score_function='sigmoid'`"),
     (dict(moe_bias_update_rate=1e-3), "`model.moe_bias_update_rate=0.001`: the expert bias"),
     (dict(moe_route_scale=2.5), "`model.moe_route_scale=2.5`"),

@@ -62,15 +62,14 @@ def test_configs_have_their_models_shapes():
     assert all(not load(name).model.moe_drop_tokens for name in PUBLISHED)  # all four are dropless
 
 
-def test_export_takes_mixtral_and_refuses_what_its_classes_cannot_compute():
-    """Mixtral's config exports as Mixtral; the others need classes the exporter does not write (yet)."""
+def test_export_takes_each_published_shape_to_its_class():
+    """Mixtral, Qwen3-MoE and OLMoE export as their own class; DeepSeek-MoE's ungated shared experts have none."""
     from recipe.export import ExportError, hf_architecture
 
-    assert hf_architecture(load("mixtral_8x7b")) == "mixtral"
-    for name, reason in (("qwen3_moe_30b_a3b", "qk_norm"), ("olmoe_1b_7b", "qk_norm"),
-                         ("deepseek_moe_16b", "moe_shared_expert_gate")):
-        with pytest.raises(ExportError, match=reason):
-            hf_architecture(load(name))
+    for name, arch in (("mixtral_8x7b", "mixtral"), ("qwen3_moe_30b_a3b", "qwen3_moe"), ("olmoe_1b_7b", "olmoe")):
+        assert hf_architecture(load(name)) == arch
+    with pytest.raises(ExportError, match="moe_shared_expert_gate"):
+        hf_architecture(load("deepseek_moe_16b"))
 
 
 @pytest.mark.parametrize("key", ["kv_lora_rank", "q_lora_rank", "qk_rope_head_dim"])

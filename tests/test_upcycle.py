@@ -3,6 +3,7 @@
 Single process, no DeepSpeed engine. Equality is checked on eval logits (dropless), against negative controls
 that break one rule of the scheme each, so the equality is not vacuous.
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,24 @@ def test_read_recipe_run_refuses_moe_runs_and_folders_without_checkpoints(tmp_pa
         read_recipe_run(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match=r"is not a folder"):
         read_recipe_run(tmp_path / "missing")
+
+
+def test_init_from_upcycles_a_recipe_run_as_the_trainer_does(tmp_path):
+    """``train.init_from = "upcycle:RUN"``: the config takes the run's architecture (from its config.json) and the
+    trainer's weight loading gives the dense model's logits; a key that changes the architecture is refused."""
+    from recipe.training.build import load_initial_weights
+
+    dense_config, dense = dense_source()
+    _fake_run(tmp_path / "run", dense_config, dense.state_dict())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"config": dense_config.to_dict()}))
+    raw = {"data": {"seq_len": SEQ}, "train": {"init_from": f"upcycle:{tmp_path / 'run'}"}}
+    config = config_from_dict({**raw, "model": {**FINE, "moe_drop_tokens": False}})
+    assert (config.model.hidden_size, config.model.intermediate_size, config.is_moe) == (32, 64, True)
+    model = TransformerLM(config)
+    model.init_weights(config.train.seed)
+    load_initial_weights(model, config, ep_rank=0)
+    assert max_diff(logits(model.eval()), logits(dense)) < 1e-5
+    with pytest.raises(ConfigError, match=r"`model.hidden_size=64` differs from the upcycling source .*/run \(hidden_size=32\); drop the key"):
+        config_from_dict({**raw, "model": {**FINE, "hidden_size": 64}})
+    with pytest.raises(ConfigError, match="moe_gate_k"):
+        config_from_dict({**raw, "model": {**FINE, "moe_gate_k": 3}})  # not a multiple of the granularity 2

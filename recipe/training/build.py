@@ -8,8 +8,10 @@ from typing import Optional
 import deepspeed
 import torch
 
+from ..config import RecipeConfig
 from ..data.loader import BatchLoader, TokenDataset
 from ..ds_config import DSConfig
+from ..init_from import parse_init_from
 from ..model.moe.dispatch import expert_parallel_rank
 from ..model.transformer import TransformerLM
 from .balancing import ExpertBiasBalancer
@@ -41,6 +43,8 @@ def build_job(plan: RunPlan, ranks: Ranks) -> Job:
     ep_rank = expert_parallel_rank(ds.ep_size) if config.is_moe else 0  # creates DeepSpeed's EP groups
     model = TransformerLM(config, ep_size=ds.ep_size)
     model.init_weights(config.train.seed, ep_rank)
+    if config.train.init_from is not None and plan.resume_tag is None:  # on --resume the checkpoint wins
+        load_initial_weights(model, config, ep_rank)
     source = None
     if plan.reshard:  # another layout: every expert file is read, this rank keeps its own experts
         source = read_reshard_source(plan)
@@ -53,6 +57,25 @@ def build_job(plan: RunPlan, ranks: Ranks) -> Job:
                val_data=TokenDataset(Path(config.data.path), "val"), ep_rank=ep_rank,
                own_grad_check=add_own_grad_check(engine.optimizer), reshard_source=source,
                bias_balancer=ExpertBiasBalancer.for_model(model, config.model.moe_bias_update_rate))
+
+
+def load_initial_weights(model: TransformerLM, config: RecipeConfig, ep_rank: int) -> None:
+    """``train.init_from``: this rank's share of a Hugging Face MoE, or the MoE upcycled from a dense source."""
+    init = parse_init_from(config.train.init_from)
+    if init.kind == "hf":
+        from ..hf_import import load_hf_weights
+
+        load_hf_weights(model, init.path, config.model.hf_architecture, ep_rank)
+        return
+    from ..upcycle import read_recipe_run, upcycled_state
+
+    if (init.path / "checkpoints").is_dir():
+        _, dense_state = read_recipe_run(init.path)
+    else:
+        from ..hf_import import read_hf_dense
+
+        _, dense_state = read_hf_dense(init.path)
+    model.load_state_dict(upcycled_state(dense_state, config, ep_rank, model.num_local_experts, config.train.seed))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -16,6 +16,8 @@ import torch
 
 from ..checkpoint import (RankState, begin, checkpoint_root, commit, consolidated_state_dict, load_recipe_state, prune,
                           rng_state, save_recipe_state, set_rng_state, step_tag)
+from ..hf_format import HF_SOURCE_CONFIG
+from ..init_from import parse_init_from
 from ..model.expert_keys import shard_experts
 from ..model.moe.dispatch import expert_data_parallel_rank
 from ..model.transformer import TransformerLM
@@ -58,14 +60,17 @@ def start_or_resume(plan: RunPlan, job: Job, ranks: Ranks, log: Log) -> Optional
         if ranks.is_main:
             _write_run_config(plan)
     if start_step is not None and ranks.is_main:  # a failed load writes nothing
-        tokenizer = Path(plan.config.data.path) / "tokenizer.model"
+        tokenizer = job.val_data.tokenizer_path  # tokenizer.model or tokenizer.json, as the shards' meta says
         if tokenizer.is_file():
-            shutil.copyfile(tokenizer, plan.run_dir / "tokenizer.model")
+            shutil.copyfile(tokenizer, plan.run_dir / tokenizer.name)
     return start_step
 
 
 def _write_run_config(plan: RunPlan) -> None:
     ds = plan.ds
+    init = plan.config.train.init_from
+    if init is not None and parse_init_from(init).kind == "hf":  # the export writes its other fields back
+        shutil.copyfile(parse_init_from(init).path / "config.json", plan.run_dir / HF_SOURCE_CONFIG)
     (plan.run_dir / "config.json").write_text(json.dumps(
         {"config": plan.config.to_dict(), "ds_config": ds.deepspeed, "ds_config_path": ds.path, "ep_size": ds.ep_size,
          "world_size": plan.world_size}, indent=2))

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint import checkpoint_root, complete_tags, latest_tag, load_recipe_state, resume_problem
-from ..config import ConfigError, RecipeConfig, config_from_saved, load_config
+from ..config import ConfigError, RecipeConfig, config_from_dict, config_from_saved, load_config
 from ..data.loader import TokenDataset
+from ..data.tokenizer import tokenizer_file
+from ..init_from import parse_init_from
 from ..ds_config import DSConfig, read_ds_config, resolve_ds_config
 
 
@@ -40,6 +42,8 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     run_dir = Path(config.train.run_dir)
     if not config.train.resume:
         _check_fresh_start(run_dir, args.reshard)
+        if config.train.init_from is not None:
+            _check_init_source(config, train_data)
         return RunPlan(config=config, ds=ds, run_dir=run_dir, world_size=world_size)
     tag = latest_tag(run_dir)
     if tag is None:
@@ -72,11 +76,13 @@ def _check_data(config: RecipeConfig, ds: DSConfig, world_size: int) -> TokenDat
         train_data = TokenDataset(Path(config.data.path), "train")
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from exc
-    if train_data.vocab_size != config.model.vocab_size:
-        raise ConfigError(
-            f"`model.vocab_size` ({config.model.vocab_size}) differs from the tokenizer of {config.data.path} "
-            f"({train_data.vocab_size}); set model.vocab_size={train_data.vocab_size} or prepare the data again"
-        )
+    # A published model's embedding may have more rows than its tokenizer has ids (padded for speed).
+    have, want, imported = train_data.vocab_size, config.model.vocab_size, config.train.init_from is not None
+    if have > want or (have != want and not imported):
+        fix = ("prepare the data with the source model's own tokenizer (python -m recipe.data.prepare --tokenizer "
+               "DIR)" if imported else f"set model.vocab_size={have} or prepare the data again")
+        raise ConfigError(f"`model.vocab_size` ({want}) differs from the tokenizer of {config.data.path} ({have}); "
+                          f"{fix}")
     tokenizer = train_data.tokenizer_path
     if tokenizer.is_file() and not train_data.made_by(tokenizer):
         raise ConfigError(f"{tokenizer} is not the tokenizer the token shards in {config.data.path} were made with "
@@ -88,6 +94,40 @@ def _check_data(config: RecipeConfig, ds: DSConfig, world_size: int) -> TokenDat
             f"micro-batch ({ds.micro_batch_size} x {world_size} ranks); lower data.seq_len or the micro batch"
         )
     return train_data
+
+
+def _check_init_source(config: RecipeConfig, train_data: TokenDataset) -> None:
+    """``train.init_from``: every weight the model needs is in the source with its shape (file headers only),
+    and a Hugging Face source's tokenizer made the token shards."""
+    from ..hf_import import check_hf_weights, read_hf_model
+
+    init = parse_init_from(config.train.init_from)
+    if init.kind == "upcycle" and (init.path / "checkpoints").is_dir():
+        if latest_tag(init.path) is None:
+            raise ConfigError(f"`train.init_from='upcycle:{init.path}'`: no complete checkpoint in "
+                              f"{checkpoint_root(init.path)}; train the dense model first")
+        return
+    hf = read_hf_model(init.path)
+    if init.kind == "hf":
+        check_hf_weights(init.path, config, hf.arch)
+    else:
+        dense = config_from_dict({"model_type": "INTERNLM", "model": {**hf.architecture, "max_seq_len": 1},
+                                  "data": {"seq_len": 1}})
+        check_hf_weights(init.path, dense, hf.arch)
+    their_tokenizer = _tokenizer_in(init.path)
+    if their_tokenizer is not None and not train_data.made_by(their_tokenizer):
+        raise ConfigError(f"the token shards in {config.data.path} were not made by {their_tokenizer}, the tokenizer "
+                          f"of the model in {init.path}; prepare them with `python -m recipe.data.prepare --source "
+                          f"YOUR_TEXT --out DIR --tokenizer {init.path}` and set data.path=DIR")
+
+
+def _tokenizer_in(folder: Path) -> Optional[Path]:
+    """The tokenizer file of a Hugging Face model or run folder (tokenizer.json, else tokenizer.model), None when it
+    has none (then the shards are not checked against it)."""
+    try:
+        return tokenizer_file(folder)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _interrupted_saves(run_dir: Path) -> list[str]:
@@ -118,8 +158,8 @@ def _check_fresh_start(run_dir: Path, reshard: bool) -> None:
 
 def _check_same_tokens_and_model(run_dir: Path, config: RecipeConfig, train_data: TokenDataset) -> None:
     """The run was trained on tokens of this data's tokenizer, with this model config."""
-    trained_with = run_dir / "tokenizer.model"
-    if trained_with.is_file() and not train_data.made_by(trained_with):
+    trained_with = _tokenizer_in(run_dir)
+    if trained_with is not None and not train_data.made_by(trained_with):
         raise ConfigError(f"--resume into {run_dir}, trained on tokens of its {trained_with.name}, but the shards "
                           f"in {config.data.path} were made by another tokenizer; resume with the data it was "
                           f"trained on, or train anew in another --run_dir")
