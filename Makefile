@@ -62,7 +62,8 @@ compare: install data
 # gpu-check: on one GPU, at most ~8 minutes: tests/test_gpu.py, the layer bench in bf16 (TFLOP/s, MFU) and a
 #   50-step bf16 training smoke of a ~100M-active fine-grained MoE (tokens/s, MFU) to bench_results/gpu.json.
 #   Without a GPU it says so and exits 0.
-.PHONY: bench bench-layer bench-e2e bench-e2e-finegrained gpu-check
+# bench-import: peak host memory of one rank importing a Hugging Face MoE folder at EP 1/2/4/8 (~1 minute).
+.PHONY: bench bench-layer bench-e2e bench-e2e-finegrained bench-import gpu-check
 # The glibc allocator settings launch/train.sh gives training (why: see there), so the layer is timed as it trains.
 MALLOC_TUNING := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=268435456
 bench: bench-layer bench-e2e bench-e2e-finegrained
@@ -75,6 +76,9 @@ bench-e2e: install
 
 bench-e2e-finegrained: install
 	$(PY) -m bench.e2e_bench --preset finegrained $(E2E_ARGS)
+
+bench-import: install
+	$(PY) -m bench.hf_import_memory
 
 gpu-check: install
 	$(PY) -m bench.gpu_check $(GPU_ARGS)

@@ -5,13 +5,13 @@
 Each measurement is a fresh process standing for EP rank 0 of ``ep_size``: it builds its model share
 (dense + E/ep_size experts per layer), then reads the folder's weights into it with ``load_hf_weights``.
 Reported: the bytes of that share, the checkpoint's bytes, and the process's peak RSS above what it held
-before building the model (torch and Python themselves), so that "peak - baseline ~ share" is the claim checked.
+before building the model (torch, transformers and Python themselves; the peak is reset there), so that
+"peak - baseline ~ share" is the claim checked.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,8 +21,13 @@ MODEL = dict(num_layers=4, hidden_size=1024, num_attention_heads=8, num_key_valu
              max_seq_len=256, num_experts=16, moe_gate_k=2, moe_intermediate_size=1024, moe_norm_topk_prob=True)
 
 
-def _rss_mb() -> float:
-    return float(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+def _status_mb(field: str) -> float:
+    return float(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0]) / 1024
+
+
+def _reset_peak() -> None:
+    """Linux: VmHWM (the peak RSS) restarts from the current RSS, so imports before the baseline do not count."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def child(hf_dir: str, ep_size: int) -> dict:
@@ -34,13 +39,14 @@ def child(hf_dir: str, ep_size: int) -> dict:
 
     config = config_from_dict({"model": {"max_seq_len": 256}, "data": {"seq_len": 16},
                                "train": {"init_from": f"hf:{hf_dir}"}})
-    baseline = _rss_mb()
+    _reset_peak()
+    baseline = _status_mb("VmRSS")
     with torch.device("meta"):
         model = TransformerLM(config, ep_size=ep_size)
     model = model.to_empty(device="cpu")  # no init: the import overwrites every weight
     share = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     load_hf_weights(model, hf_dir, config.model.hf_architecture, ep_rank=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     return {"ep_size": ep_size, "share_mb": round(share, 1), "baseline_mb": round(baseline, 1),
             "peak_mb": round(peak, 1), "peak_above_baseline_mb": round(peak - baseline, 1)}
 

@@ -1,9 +1,11 @@
 """Sample text from a trained run on one process, whatever expert-parallel size it was trained with.
 
     python -m recipe.generate --run_dir runs/default --prompt "The state of the Union" --num_samples 3
+    python -m recipe.generate --hf_dir /models/OLMoE-1B-7B --prompt "Hello" --temperature 0
 
-Loads the newest checkpoint (every expert file, global ids) into a 1-process model (ep_size=1) and
-samples with temperature and top-k; the same --seed gives the same text.
+Loads the newest checkpoint (every expert file, global ids) into a 1-process model (ep_size=1), or a
+Hugging Face MoE folder as ``train.init_from = "hf:DIR"`` would import it, and samples with temperature
+and top-k; the same --seed gives the same text, temperature 0 the greedy tokens.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Optional
 import torch
 
 from .checkpoint import checkpoint_root, consolidated_state_dict
-from .config import config_from_saved
+from .config import config_from_dict, config_from_saved
 from .data.tokenizer import load_tokenizer, tokenizer_file
 from .model.transformer import TransformerLM
 
@@ -54,15 +56,28 @@ def sample(model, prompt_ids: list[int], max_new_tokens: int, temperature: float
     return ids[0].tolist()
 
 
-def print_samples(run_dir: str | Path, num_samples: int = 3, prompts: Optional[list[str]] = None,
-                  max_new_tokens: int = 60, temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> list[str]:
-    run_dir = Path(run_dir)
+def load_hf_model(hf_dir: str | Path):
+    """(model in eval mode on CPU, config) imported from a Hugging Face MoE folder, as a run would start."""
+    from .hf_import import load_hf_weights
+
+    config = config_from_dict({"data": {"seq_len": 1}, "train": {"init_from": f"hf:{hf_dir}"}})
+    model = TransformerLM(config, ep_size=1)
+    model.init_weights(config.train.seed)
+    load_hf_weights(model, hf_dir, config.model.hf_architecture)
+    return model.eval(), config
+
+
+def print_samples(run_dir: Optional[str | Path], num_samples: int = 3, prompts: Optional[list[str]] = None,
+                  max_new_tokens: int = 60, temperature: float = 0.8, top_k: int = 50, seed: int = 0,
+                  hf_dir: Optional[str | Path] = None) -> list[str]:
+    """Samples from a run's newest checkpoint, or from a Hugging Face folder (``hf_dir``) with its tokenizer."""
+    folder = Path(hf_dir or run_dir)
+    model, _ = load_hf_model(hf_dir) if hf_dir else load_model(run_dir)
     try:
-        tokenizer = load_tokenizer(tokenizer_file(run_dir))  # tokenizer.json or tokenizer.model, copied at start
+        tokenizer = load_tokenizer(tokenizer_file(folder))  # tokenizer.json or tokenizer.model
     except FileNotFoundError:
-        raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {run_dir}; it is copied there when "
-                                f"training starts") from None
-    model, _ = load_model(run_dir)
+        copied = "" if hf_dir else "; it is copied there when training starts"
+        raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {folder}{copied}") from None
     generator = torch.Generator().manual_seed(seed)
     prompts = list(prompts or DEFAULT_PROMPTS)
     texts = []
@@ -78,6 +93,7 @@ def print_samples(run_dir: str | Path, num_samples: int = 3, prompts: Optional[l
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="recipe.generate", description="Sample text from a trained run.")
     parser.add_argument("--run_dir", default="runs/default")
+    parser.add_argument("--hf_dir", help="sample from this Hugging Face MoE folder instead of a run")
     parser.add_argument("--prompt", action="append", help="prompt text (repeatable); default: three built-in ones")
     parser.add_argument("--num_samples", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=60)
@@ -87,8 +103,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         print_samples(args.run_dir, args.num_samples, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                      args.seed)
-    except (FileNotFoundError, ValueError) as exc:
+                      args.seed, hf_dir=args.hf_dir)
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError (a folder the import refuses) is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -28,6 +28,9 @@ from .hf_format import DENSE_CLASSES, MOE_CLASSES, key_map, qkv_split_sizes
 from .model.expert_keys import local_to_global
 
 INDEX_FILE = "model.safetensors.index.json"
+# safe_open maps a file; every page a read touched stays in this process's resident memory until the file is
+# closed, so the handles are closed after this many bytes were read through them (the mapped pages then go).
+RELEASE_MAPPED_BYTES = 64 * 2**20
 SINGLE_FILE = "model.safetensors"
 MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
 
@@ -172,7 +175,7 @@ class HFWeights(contextlib.AbstractContextManager):
         from safetensors import safe_open
 
         self.dir = Path(hf_dir)
-        self._open_file, self._stack, self._handles = safe_open, contextlib.ExitStack(), {}
+        self._open_file, self._stack, self._handles, self._mapped = safe_open, contextlib.ExitStack(), {}, 0
         index, single = self.dir / INDEX_FILE, self.dir / SINGLE_FILE
         if index.is_file():
             try:
@@ -208,7 +211,12 @@ class HFWeights(contextlib.AbstractContextManager):
         return tuple(self._handle(self._file_of(name)).get_slice(name).get_shape())
 
     def read(self, name: str) -> torch.Tensor:
-        return self._handle(self._file_of(name)).get_tensor(name)
+        tensor = self._handle(self._file_of(name)).get_tensor(name)
+        self._mapped += tensor.numel() * tensor.element_size()
+        if self._mapped > RELEASE_MAPPED_BYTES:  # the tensor is a copy: the mapping can go
+            self._stack.close()
+            self._stack, self._handles, self._mapped = contextlib.ExitStack(), {}, 0
+        return tensor
 
     def __exit__(self, *exc) -> None:
         self._stack.close()

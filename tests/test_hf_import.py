@@ -265,3 +265,74 @@ def test_the_launch_plan_checks_vocabulary_and_tokenizer_against_the_source(tiny
     with pytest.raises(ConfigError, match=rf"were not made by {padded / 'tokenizer.json'}, the tokenizer of the "
                                           rf"model in {padded}; prepare them with"):
         _plan(tmp_path, tiny_data, padded)
+
+
+def test_the_reader_releases_its_file_mappings_as_it_goes(tmp_path, monkeypatch):
+    """With a tiny release threshold every read reopens the files: the import is unchanged."""
+    import recipe.hf_import as hf_import
+
+    hf_dir, theirs = make_hf(tmp_path / "m", "qwen3_moe", shard_size="40KB")
+    monkeypatch.setattr(hf_import, "RELEASE_MAPPED_BYTES", 1024)
+    _, ours = imported_model(hf_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, theirs(input_ids=TOKENS).logits, rtol=1e-4, atol=1e-4)
+
+
+DENSE = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON, intermediate_size=48, num_hidden_layers=2, head_dim=12),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON, intermediate_size=48, num_hidden_layers=2),
+    "qwen3": lambda: transformers.Qwen3Config(**COMMON, intermediate_size=48, num_hidden_layers=2, head_dim=12),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(DENSE))
+def test_dense_sources_read_exactly_and_upcycle_to_their_logits(tmp_path, arch):
+    """An upcycling source: the dense recipe model read from the folder computes transformers' logits, and the
+    MoE made of it (fine-grained, G = 2) starts with the same logits."""
+    from recipe.hf_import import read_hf_dense
+    from recipe.training.build import load_initial_weights
+
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(DENSE[arch]()).float().eval()
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if name.endswith(("norm.weight", ".bias")):
+                param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.3)
+    theirs.save_pretrained(tmp_path / arch)
+    model, state = read_hf_dense(tmp_path / arch)
+    dense = TransformerLM(config_from_dict({"model_type": "INTERNLM", "model": model, "data": {"seq_len": 16}}))
+    dense.load_state_dict(state)
+    with torch.no_grad():
+        expected = theirs(input_ids=TOKENS).logits
+        torch.testing.assert_close(dense.eval()(TOKENS).logits, expected, rtol=1e-4, atol=1e-4)
+    config = config_from_dict({"model": dict(num_experts=4, moe_intermediate_size=24, moe_gate_k=2,
+                                             moe_norm_topk_prob=True, moe_drop_tokens=False),
+                               "data": {"seq_len": 16}, "train": {"init_from": f"upcycle:{tmp_path / arch}"}})
+    moe = TransformerLM(config)
+    load_initial_weights(moe, config, ep_rank=0)
+    with torch.no_grad():
+        torch.testing.assert_close(moe.eval()(TOKENS).logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match=f"holds a dense {arch} model; start an MoE from it with "
+                                          f"train.init_from='upcycle:"):
+        imported_config(tmp_path / arch)
+
+
+def test_generate_samples_a_hugging_face_folder_greedily_as_transformers_does(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    from recipe.generate import main
+
+    hf_dir, theirs = make_hf(tmp_path / "m", "olmoe")
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer.save(str(hf_dir / "tokenizer.json"))
+    assert main(["--hf_dir", str(hf_dir), "--prompt", "w5 w17 w40", "--num_samples", "1", "--temperature", "0",
+                 "--max_new_tokens", "12"]) == 0
+    with torch.no_grad():
+        ids = theirs.generate(torch.tensor([[8, 20, 43]]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0].tolist()
+    assert tokenizer.decode(ids, skip_special_tokens=False) in capsys.readouterr().out
+    assert main(["--hf_dir", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
