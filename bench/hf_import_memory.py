@@ -74,7 +74,8 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_mb = write_folder(Path(tmp) / "hf")
-        print(f"checkpoint: {checkpoint_mb:.1f} MB (fp32, {MODEL['num_experts']} experts x {MODEL['num_layers']} layers)")
+        shape = f"{MODEL['num_experts']} experts x {MODEL['num_layers']} layers"
+        print(f"checkpoint: {checkpoint_mb:.1f} MB (fp32, {shape})")
         for ep_size in map(int, args.ep_sizes.split(",")):
             out = subprocess.run([sys.executable, "-m", "bench.hf_import_memory", "--child", f"{tmp}/hf", str(ep_size)],
                                  capture_output=True, text=True, check=True).stdout

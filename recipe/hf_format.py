@@ -67,7 +67,8 @@ def _common_refusal(config: RecipeConfig) -> Optional[str]:
                                        f"routing is in none of the exported classes; {TORCH}"),
         (m.moe_num_shared_experts > 0 and not m.moe_shared_expert_gate,
          f"shared experts without a gate (`model.moe_num_shared_experts={m.moe_num_shared_experts}`, "
-         f"`model.moe_shared_expert_gate=False`): Qwen2-MoE always scales its shared expert by a sigmoid gate; {TORCH}"),
+         f"`model.moe_shared_expert_gate=False`): Qwen2-MoE always scales its shared expert by a sigmoid gate; "
+         f"{TORCH}"),
     )
     return next((message for refused, message in reasons if refused), None)
 
@@ -77,16 +78,16 @@ def _class_refusal(config: RecipeConfig, arch: str) -> Optional[str]:
     m, name = config.model, MOE_CLASSES[arch]
     every_layer_moe = config.moe_layer_ids() == list(range(m.num_layers))
     wanted_norm = {"mixtral": "none", "qwen2_moe": "none", "qwen3_moe": "head", "olmoe": "full"}[arch]
+    norm_text = "no q/k norm" if wanted_norm == "none" else f"qk_norm={wanted_norm!r}"
+    shared = m.moe_num_shared_experts
     reasons = (
-        (m.qk_norm != wanted_norm, f"`model.qk_norm={m.qk_norm!r}`: {name} has "
-                                   f"{'no q/k norm' if wanted_norm == 'none' else f'qk_norm={wanted_norm!r}'}"),
+        (m.qk_norm != wanted_norm, f"`model.qk_norm={m.qk_norm!r}`: {name} has {norm_text}"),
         (arch != "qwen2_moe" and m.qkv_bias, f"`model.qkv_bias=True`: {name} has no q/k/v biases"),
-        (arch != "qwen2_moe" and m.moe_num_shared_experts > 0, f"`model.moe_num_shared_experts="
-                                                                f"{m.moe_num_shared_experts}`: {name} has no shared expert"),
-        (arch in ("mixtral", "olmoe") and not every_layer_moe, f"dense FFN layers (`model.moe_layer_freq`, "
-                                                               f"`model.moe_dense_first_layers`): every {name} layer is an MoE"),
-        (arch == "mixtral" and not renormalises_over_k(config), f"raw top-k scores (`model.moe_norm_topk_prob`): "
-                                                                f"{name} always renormalises over the k chosen"),
+        (arch != "qwen2_moe" and shared > 0, f"`model.moe_num_shared_experts={shared}`: {name} has no shared expert"),
+        (arch in ("mixtral", "olmoe") and not every_layer_moe,
+         f"dense FFN layers (`model.moe_layer_freq`, `model.moe_dense_first_layers`): every {name} layer is an MoE"),
+        (arch == "mixtral" and not renormalises_over_k(config),
+         f"raw top-k scores (`model.moe_norm_topk_prob`): {name} always renormalises over the k chosen"),
         (arch == "olmoe" and m.num_attention_heads * m.resolved_head_dim != m.hidden_size,
          f"`model.head_dim={m.head_dim}`: {name} has heads x head_dim = hidden_size"),
     )
@@ -151,7 +152,8 @@ def key_map(config: RecipeConfig, arch: str) -> dict[str, tuple[str, ...]]:
     for i in range(m.num_layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}.{mlp}."
         if i not in moe_layers:
-            keys.update({f"{src}ffn.{ours}.weight": (f"{dst}{theirs}.weight",) for ours, theirs in zip(OUR_SWIGLU, HF_SWIGLU)})
+            keys.update({f"{src}ffn.{ours}.weight": (f"{dst}{theirs}.weight",)
+                         for ours, theirs in zip(OUR_SWIGLU, HF_SWIGLU)})
             continue
         keys[src + "ffn.deepspeed_moe.gate.wg.weight"] = (dst + "gate.weight",)
         group = f"{src}ffn.{EXPERT_GROUP_PATH}."

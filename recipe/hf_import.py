@@ -123,7 +123,8 @@ def _moe_keys(c, arch: str) -> dict:
         width, dense_width, moe_layers = c.intermediate_size, c.intermediate_size, list(range(n))
     else:  # Qwen: moe_intermediate_size per expert, intermediate_size for the mlp_only layers
         width, dense_width = c.moe_intermediate_size, c.intermediate_size
-        moe_layers = [i for i in range(n) if i not in (c.mlp_only_layers or []) and (i + 1) % c.decoder_sparse_step == 0]
+        dense_only = set(c.mlp_only_layers or [])
+        moe_layers = [i for i in range(n) if i not in dense_only and (i + 1) % c.decoder_sparse_step == 0]
     placement = moe_layer_placement(n, moe_layers)
     if placement is None:
         raise HFImportError(f"MoE layers {moe_layers} (mlp_only_layers / decoder_sparse_step) cannot be expressed "
@@ -198,7 +199,8 @@ class HFWeights(contextlib.AbstractContextManager):
             try:
                 self._handles[file] = self._stack.enter_context(self._open_file(str(self.dir / file), framework="pt"))
             except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-                raise HFImportError(f"{self.dir / file} cannot be read as safetensors ({exc}); download it again") from None
+                raise HFImportError(f"{self.dir / file} cannot be read as safetensors ({exc}); download it "
+                                    f"again") from None
         return self._handles[file]
 
     def _file_of(self, name: str) -> str:

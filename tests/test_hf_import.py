@@ -173,14 +173,16 @@ def test_missing_shard_and_wrong_shape_are_found_before_loading(tmp_path):
     config = imported_config(hf_dir)
     shards = sorted(hf_dir.glob("model-*.safetensors"))
     shards[1].unlink()
-    with pytest.raises(HFImportError, match=f"shard {shards[1].name} listed in model.safetensors.index.json is missing"):
+    missing = f"shard {shards[1].name} listed in model.safetensors.index.json is missing"
+    with pytest.raises(HFImportError, match=missing):
         check_hf_weights(hf_dir, config, "mixtral")
     hf_dir, _ = make_hf(tmp_path / "single", "mixtral")
     tensors = load_file(hf_dir / "model.safetensors")
     name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
     tensors[name] = torch.zeros(32, 20)
     save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(HFImportError, match=rf"tensor {name} has shape \[32, 20\] but its config.json implies \[32, 24\]"):
+    wrong = rf"tensor {name} has shape \[32, 20\] but its config.json implies \[32, 24\]"
+    with pytest.raises(HFImportError, match=wrong):
         check_hf_weights(hf_dir, config, "mixtral")
     del tensors[name]
     save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})

@@ -101,7 +101,8 @@ def test_import_continues_at_every_expert_parallel_size_and_exports_back(hf_worl
     layouts = {"1rank_ep1": (1, 4, 1), "2rank_ep2": (2, 2, 2), "4rank_ep4": (4, 1, 4)}  # ranks, micro, ep
     results = {}
     for name, (ranks, micro, ep) in layouts.items():
-        ds = write_ds_config(tmp_path / f"{name}.json", train_micro_batch_size_per_gpu=micro, moe_recipe={"ep_size": ep})
+        ds = write_ds_config(tmp_path / f"{name}.json", train_micro_batch_size_per_gpu=micro,
+                             moe_recipe={"ep_size": ep})
         launch(ranks, config, ds, tmp_path / name)
         results[name], _ = read_metrics(tmp_path / name)
     reference = results["1rank_ep1"]

@@ -386,7 +386,8 @@ def test_init_from_upcycles_a_recipe_run_as_the_trainer_does(tmp_path):
     model.init_weights(config.train.seed)
     load_initial_weights(model, config, ep_rank=0)
     assert max_diff(logits(model.eval()), logits(dense)) < 1e-5
-    with pytest.raises(ConfigError, match=r"`model.hidden_size=64` differs from the upcycling source .*/run \(hidden_size=32\); drop the key"):
+    differs = r"`model.hidden_size=64` differs from the upcycling source .*/run \(hidden_size=32\); drop the key"
+    with pytest.raises(ConfigError, match=differs):
         config_from_dict({**raw, "model": {**FINE, "hidden_size": 64}})
     with pytest.raises(ConfigError, match="moe_gate_k"):
         config_from_dict({**raw, "model": {**FINE, "moe_gate_k": 3}})  # not a multiple of the granularity 2
