@@ -160,7 +160,7 @@ class TrainConfig:
     resume: bool = False
     # Start a fresh run from other weights (recipe/init_from.py): "hf:DIR", a Hugging Face MoE folder (its
     # config.json gives the architecture), or "upcycle:SOURCE", a dense recipe run or Hugging Face dense folder
-    # copied into this config's MoE. Ignored on --resume: the checkpoint holds the weights then.
+    # copied into this config's MoE. On --resume the run's saved config and checkpoint are used, not the source.
     init_from: Optional[str] = None
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before stopping
     wandb: WandbMode = "offline"

@@ -28,11 +28,11 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import checkpoint_root, consolidated_state_dict
+from .checkpoint import checkpoint_root
 from .config import RecipeConfig, config_from_saved
 from .hf_format import (HF_SOURCE_CONFIG, ExportError, hf_architecture, hf_config_dict, key_map, qkv_split_sizes,
                         renormalises_over_k)
-from .reshard import ReshardError, master_state_dict
+from .reshard import best_weights
 
 __all__ = ["ExportError", "hf_architecture", "hf_export_notes", "renormalises_over_k", "save_hf", "to_hf_state"]
 
@@ -96,12 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
-        try:
-            state, client, from_master = master_state_dict(checkpoint_root(args.run_dir), args.tag)
-        except ReshardError as exc:  # 16-bit weights are still a faithful model, only rounded
-            (state, client), from_master = consolidated_state_dict(checkpoint_root(args.run_dir), args.tag), False
-            print(f"warning: fp32 master weights not readable ({exc}); exporting the 16-bit weights upcast",
-                  file=sys.stderr)
+        state, client, from_master = best_weights(checkpoint_root(args.run_dir), args.tag)
         config = config_from_saved(client["config"])
         out = Path(args.out)
         if out.exists():

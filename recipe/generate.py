@@ -36,14 +36,15 @@ def load_model(run_dir: str | Path, tag: Optional[str] = None):
 
 @torch.no_grad()
 def sample(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
-           generator: Optional[torch.Generator] = None) -> list[int]:
-    """Autoregressive sampling; temperature 0 is greedy. Returns prompt + new token ids."""
+           generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None) -> list[int]:
+    """Autoregressive sampling; temperature 0 is greedy. Returns prompt + new token ids. ``vocab_size``: only ids
+    below it are drawn (a published model's embedding may be padded beyond its tokenizer's ids)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     max_len = model.config.model.max_seq_len
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -max_len:]).logits[0, -1].float()  # (V,)
+        logits = model(ids[:, -max_len:]).logits[0, -1, :vocab_size].float()  # (V,)
         if temperature == 0:
             next_id = logits.argmax()
         else:
@@ -83,7 +84,8 @@ def print_samples(run_dir: Optional[str | Path], num_samples: int = 3, prompts: 
     texts = []
     for i in range(num_samples):
         prompt = prompts[i % len(prompts)]
-        ids = sample(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k, generator)
+        ids = sample(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k, generator,
+                     vocab_size=tokenizer.vocab_size)
         text = tokenizer.decode(ids)
         texts.append(text)
         print(f"--- sample {i + 1} ---\n{text}\n", flush=True)

@@ -194,7 +194,12 @@ def hf_config_dict(config: RecipeConfig, arch: str, base: Optional[dict] = None)
         "olmoe": dict(intermediate_size=m.expert_size, num_experts=m.num_experts,
                       norm_topk_prob=renormalises_over_k(config), attention_bias=False, clip_qkv=None),
     }[arch]
-    kept = dict(base) if base and base.get("model_type") == arch else {}
-    for stale in ("layer_types", "rope_scaling", "num_local_experts", "num_experts", "torch_dtype"):
+    base = base or {}
+    # The source's other fields when it is this class; from another class (an upcycled Llama) its token ids only.
+    kept = dict(base) if base.get("model_type") == arch else {k: v for k, v in base.items() if k.endswith("token_id")}
+    for stale in ("layer_types", "rope_scaling", "num_local_experts", "num_experts", "torch_dtype",
+                  "quantization_config"):
         kept.pop(stale, None)  # recomputed by transformers from the fields below, or renamed between versions
-    return {**kept, **common, **per_class}
+    # a run trained on shorter sequences keeps the context length its source was made for
+    positions = max(m.max_seq_len, int(base.get("max_position_embeddings") or 0))
+    return {**kept, **common, **per_class, "max_position_embeddings": positions}

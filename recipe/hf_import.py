@@ -17,6 +17,7 @@ starts (``check_hf_weights``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
@@ -32,6 +33,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # closed, so the handles are closed after this many bytes were read through them (the mapped pages then go).
 RELEASE_MAPPED_BYTES = 64 * 2**20
 SINGLE_FILE = "model.safetensors"
+FLOAT_DTYPES = ("F32", "BF16", "F16")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
 
 
@@ -47,6 +49,7 @@ class HFModel(NamedTuple):
     architecture: dict  # model.* keys that define the computation: a user's config may not change them
     defaults: dict  # model.* keys a user's config may override (training settings)
     raw: dict  # config.json as written
+    aux_loss_coeff: float  # router_aux_loss_coef as transformers reads it (the class default when absent)
 
 
 def read_config_json(hf_dir: Path) -> dict:
@@ -61,7 +64,9 @@ def read_config_json(hf_dir: Path) -> dict:
         raw = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise HFImportError(f"{path} is not valid JSON ({exc}); download it again") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        raise HFImportError(f"{path} holds a JSON {type(raw).__name__}, not an object; it is not a model's config.json")
+    model_type = raw.get("model_type")
     if model_type in MLA_TYPES:
         raise HFImportError(f"{path}: model_type {model_type!r} uses MLA attention, which the recipe does not "
                             f"compute; supported: {', '.join(MOE_CLASSES)}")
@@ -73,6 +78,11 @@ def read_config_json(hf_dir: Path) -> dict:
 
 def _refusals(c, arch: str) -> Iterator[str]:
     """Every feature of config ``c`` the recipe does not compute exactly."""
+    quantization = getattr(c, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        yield f"quantized weights (quantization_config: {method}) are not dequantized by the recipe; use the " \
+              f"bf16/fp16/fp32 release of the model"
     rope = dict(getattr(c, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -166,7 +176,16 @@ def read_hf_model(hf_dir: str | Path) -> HFModel:
         # HF's models never drop tokens; its balancing loss counts all k choices, as our "switch" does.
         defaults, model_type = dict(moe_drop_tokens=False, moe_balance_loss="switch"), "INTERNLM_MoE"
     defaults["max_seq_len"] = c.max_position_embeddings
-    return HFModel(arch=arch, model_type=model_type, architecture=architecture, defaults=defaults, raw=raw)
+    return HFModel(arch=arch, model_type=model_type, architecture=architecture, defaults=defaults, raw=raw,
+                   aux_loss_coeff=float(getattr(c, "router_aux_loss_coef", 0.0) or 0.0))
+
+
+def dense_config(hf: HFModel) -> RecipeConfig:
+    """The dense recipe config of a Llama / Qwen2 / Qwen3 folder read by ``read_hf_model``."""
+    from .config import config_from_dict
+
+    model = {**hf.architecture, "max_seq_len": hf.defaults["max_seq_len"]}
+    return config_from_dict({"model_type": "INTERNLM", "model": model, "data": {"seq_len": 1}})
 
 
 class HFWeights(contextlib.AbstractContextManager):
@@ -209,11 +228,28 @@ class HFWeights(contextlib.AbstractContextManager):
                                 f"architecture its config.json names")
         return self.files[name]
 
+    def _get(self, name: str, how: str):
+        """``get_slice`` or ``get_tensor`` of ``name`` from the file the index places it in."""
+        file = self._file_of(name)
+        handle = self._handle(file)
+        try:
+            return getattr(handle, how)(name)
+        except Exception:  # noqa: BLE001 - the index names a tensor its shard lacks
+            raise HFImportError(f"{self.dir / file} lacks tensor {name}, which {INDEX_FILE} places there; the "
+                                f"shard is from another checkpoint: download it again") from None
+
+    def _slice(self, name: str):
+        return self._get(name, "get_slice")
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self._file_of(name)).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name, e.g. "BF16", "F8_E4M3"."""
+        return str(self._slice(name).get_dtype())
 
     def read(self, name: str) -> torch.Tensor:
-        tensor = self._handle(self._file_of(name)).get_tensor(name)
+        tensor = self._get(name, "get_tensor")
         self._mapped += tensor.numel() * tensor.element_size()
         if self._mapped > RELEASE_MAPPED_BYTES:  # the tensor is a copy: the mapping can go
             self._stack.close()
@@ -252,6 +288,9 @@ def check_hf_weights(hf_dir: str | Path, config: RecipeConfig, arch: str) -> Non
                 if got != want:
                     raise HFImportError(f"{hf_dir}: tensor {name} has shape {list(got)} but its config.json implies "
                                         f"{list(want)}; the weights do not belong to this config")
+                if weights.dtype(name) not in FLOAT_DTYPES:
+                    raise HFImportError(f"{hf_dir}: tensor {name} is {weights.dtype(name)}; the recipe reads "
+                                        f"{', '.join(FLOAT_DTYPES)} weights only (quantized checkpoints are refused)")
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, arch: str, ep_rank: int = 0) -> None:
@@ -259,8 +298,11 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, arch: str, ep_ra
     tensors and this rank's experts only, one tensor in memory at a time."""
     config = model.config
     names_of = key_map(config, arch)
+    weights_of = _weights_of(model)
+    if config.model.tie_word_embeddings:
+        del weights_of["lm_head.weight"]  # the embedding itself: read once
     with HFWeights(hf_dir) as weights, torch.no_grad():
-        for key, target in _weights_of(model).items():
+        for key, target in weights_of.items():
             names = names_of[local_to_global(key, ep_rank, model.num_local_experts)]
             parts = [weights.read(name) for name in names]
             for name, part, want in zip(names, parts, _parts(config, names, tuple(target.shape))):
@@ -281,11 +323,8 @@ def read_hf_state(hf_dir: str | Path, config: RecipeConfig, arch: str) -> dict[s
 
 def read_hf_dense(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(model section, whole state dict) of a dense Llama / Qwen2 / Qwen3 folder: an upcycling source."""
-    from .config import config_from_dict
-
     hf = read_hf_model(hf_dir)
     if hf.model_type != "INTERNLM":
         raise HFImportError(f"{hf_dir} holds an MoE ({hf.arch}), not a dense model")
-    model = {**hf.architecture, "max_seq_len": hf.defaults["max_seq_len"]}
-    config = config_from_dict({"model_type": "INTERNLM", "model": model, "data": {"seq_len": 1}})
-    return model, read_hf_state(hf_dir, config, hf.arch)
+    config = dense_config(hf)
+    return dataclasses.asdict(config.model), read_hf_state(hf_dir, config, hf.arch)

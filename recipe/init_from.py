@@ -6,8 +6,8 @@
 
 Why a config key and not a conversion command: every rank reads its own share of the weights (dense + its
 experts) at the launch's layout, so no process ever holds the whole model, any EP/DP size and ZeRO stage works,
-and the run folder's checkpoints take over from the first save (``--resume`` reads the source's config.json
-again, to check the model is the same, never its weights).
+and the run folder's checkpoints take over from the first save (``--resume`` takes the model section the run
+saved in its config.json and reads nothing of the source).
 
 Here, before validation, the source's config.json fills in the model section (``resolve``): the architecture
 comes from the source; a key the user's file sets to another value is refused by name; training settings
@@ -16,10 +16,11 @@ The weights are read when the model is built (``recipe/training/build.py``). No 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 
 KINDS = ("hf", "upcycle")
 
@@ -67,7 +68,7 @@ def _with_hf_model(raw: dict, hf_dir: Path) -> dict:
     model = _merge_architecture(user, hf.architecture, source)
     model = {**{k: v for k, v in hf.defaults.items() if k != "max_seq_len"}, **model}
     model = _max_seq_len(model, hf.defaults["max_seq_len"], source)
-    loss = {"moe_loss_coeff": hf.raw.get("router_aux_loss_coef", 0.01), **(raw.get("loss") or {})}
+    loss = {"moe_loss_coeff": hf.aux_loss_coeff, **(raw.get("loss") or {})}
     return {**raw, "model_type": hf.model_type, "model": model, "loss": loss}
 
 
@@ -99,6 +100,26 @@ def _with_upcycle_source(raw: dict, where: Path) -> dict:
     return {**raw, "model_type": "INTERNLM_MoE", "model": model}
 
 
+def _saved_run_config(train: dict) -> Optional[dict]:
+    """On --resume of a run that was started from this same ``init_from``: the config it saved, else None."""
+    if train.get("resume") is not True:
+        return None
+    path = Path(str(train.get("run_dir", TrainConfig.run_dir))) / "config.json"
+    try:
+        saved = json.loads(path.read_text())["config"]
+        return saved if saved["train"].get("init_from") == train["init_from"] else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _from_saved_run(raw: dict, saved: dict) -> dict:
+    """The model and loss the run started with, under the user's keys (the resume check compares the two), so
+    that resuming needs neither the source folder nor the transformers version it was read with."""
+    model = {**saved["model"], **(raw.get("model") or {})}
+    loss = {**saved.get("loss", {}), **(raw.get("loss") or {})}
+    return {**raw, "model_type": raw.get("model_type", saved["model_type"]), "model": model, "loss": loss}
+
+
 def resolve(raw: dict) -> dict:
     """The raw config sections with the model section filled in from ``train.init_from`` (unchanged without it)."""
     train = raw.get("train")
@@ -106,6 +127,9 @@ def resolve(raw: dict) -> dict:
     if value is None:
         return raw
     init = parse_init_from(value)
+    saved = _saved_run_config(train)
+    if saved is not None:
+        return _from_saved_run(raw, saved)
     return _with_hf_model(raw, init.path) if init.kind == "hf" else _with_upcycle_source(raw, init.path)
 
 

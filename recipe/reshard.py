@@ -22,6 +22,7 @@ keys with global expert ids, the same key space as ``recipe.checkpoint.consolida
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -249,3 +250,14 @@ def master_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = None) -> 
     if model.get("tie_word_embeddings") and "embedding.weight" in masters:
         state["lm_head.weight"] = state["embedding.weight"]  # one parameter, two state-dict keys
     return state, client, True
+
+
+def best_weights(checkpoint_dir: str | Path, tag: Optional[str] = None) -> tuple[dict, dict, bool]:
+    """``master_state_dict``, or where the optimizer's fp32 masters cannot be read (older checkpoints, fp16
+    without ZeRO) the 16-bit weights upcast, with a warning on stderr: still a faithful model, only rounded."""
+    try:
+        return master_state_dict(checkpoint_dir, tag)
+    except ReshardError as exc:
+        print(f"warning: fp32 master weights not readable ({exc}); using the 16-bit weights upcast", file=sys.stderr)
+        state, client = consolidated_state_dict(checkpoint_dir, tag)
+        return state, client, False

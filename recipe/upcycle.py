@@ -47,9 +47,10 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import checkpoint_root, consolidated_state_dict, latest_tag
+from .checkpoint import checkpoint_root, latest_tag
 from .config import ConfigError, ModelConfig, RecipeConfig, config_from_saved
 from .model.expert_keys import EXPERT_GROUP_PATH, expert_key
+from .reshard import best_weights
 
 # The model.* keys that fix the dense computation; the upcycled model takes them from its source.
 DENSE_ARCHITECTURE_KEYS: tuple[str, ...] = (
@@ -132,7 +133,8 @@ def upcycle_model_dict(source_model: dict, user_model: dict, source: str) -> dic
             raise ConfigError(f"`model.{key}={user_model[key]!r}` gives a dense FFN width of {width}, but the "
                               f"upcycling source {source} has intermediate_size={arch['intermediate_size']}; drop "
                               f"the key: the architecture comes from the source")
-    merged = {key: value for key, value in user_model.items() if key not in arch}
+    # Dropless unless the user asks: a dropped slice would break the step-0 equality.
+    merged = {"moe_drop_tokens": False, **{key: value for key, value in user_model.items() if key not in arch}}
     merged.update(arch)
     source_len = source_model.get("max_seq_len")
     user_len = user_model.get("max_seq_len", source_len)
@@ -338,11 +340,11 @@ def upcycled_state(dense_state: dict, config: RecipeConfig, ep_rank: int, num_lo
 
 def _check_run_folder(run_dir: Path) -> None:
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"upcycling source {run_dir} is not a folder; pass a dense recipe run folder "
-                                f"(holding checkpoints/) or a Hugging Face model folder")
+        raise ConfigError(f"upcycling source {run_dir} is not a folder; pass a dense recipe run folder "
+                          f"(holding checkpoints/) or a Hugging Face model folder")
     if latest_tag(run_dir) is None:
-        raise FileNotFoundError(f"upcycling source {run_dir} has no complete checkpoint in "
-                                f"{checkpoint_root(run_dir)}; let the dense run save one (train.save_every) first")
+        raise ConfigError(f"upcycling source {run_dir} has no complete checkpoint in "
+                          f"{checkpoint_root(run_dir)}; let the dense run save one (train.save_every) first")
 
 
 def _dense_source_model(saved: Optional[dict], run_dir: Path) -> dict:
@@ -375,7 +377,7 @@ def read_recipe_run(run_dir: str | Path) -> tuple[dict, dict]:
     newest complete checkpoint."""
     run_dir = Path(run_dir)
     _check_run_folder(run_dir)
-    state, client = consolidated_state_dict(checkpoint_root(run_dir))
+    state, client, _ = best_weights(checkpoint_root(run_dir))  # a bf16 run's fp32 masters, not its rounded copies
     model = _dense_source_model(client.get("config"), run_dir)
     dense = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
     return model, dense

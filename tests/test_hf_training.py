@@ -113,6 +113,11 @@ def test_import_continues_at_every_expert_parallel_size_and_exports_back(hf_worl
             for key in ("loss", "lm_loss", "grad_norm"):
                 assert rec[key] == pytest.approx(ref[key], rel=1e-5), (name, rec["step"], key)
     assert reference[-1]["lm_loss"] < reference[0]["lm_loss"]
+    # the weights are in place before deepspeed.initialize, so any ZeRO stage and precision starts from them
+    bf16 = write_ds_config(tmp_path / "bf16.json", base="zero1_bf16_ep2.json", train_micro_batch_size_per_gpu=2)
+    launch(2, config, bf16, tmp_path / "2rank_ep2_zero1_bf16")
+    first_bf16 = read_metrics(tmp_path / "2rank_ep2_zero1_bf16")[0][0]["lm_loss"]
+    assert first_bf16 == pytest.approx(reference[0]["lm_loss"], rel=2e-2)
     run = tmp_path / "2rank_ep2"
     assert json.loads((run / "hf_source_config.json").read_text())["model_type"] == "qwen2_moe"
     assert (run / "tokenizer.json").is_file()

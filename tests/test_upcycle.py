@@ -365,9 +365,9 @@ def test_read_recipe_run_refuses_moe_runs_and_folders_without_checkpoints(tmp_pa
     with pytest.raises(ConfigError, match=r"is a model_type='INTERNLM_MoE' run; upcycling starts from a dense one"):
         read_recipe_run(tmp_path / "moe")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"has no complete checkpoint in .*save one"):
+    with pytest.raises(ConfigError, match=r"has no complete checkpoint in .*save one"):
         read_recipe_run(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match=r"is not a folder"):
+    with pytest.raises(ConfigError, match=r"is not a folder"):
         read_recipe_run(tmp_path / "missing")
 
 
@@ -380,8 +380,9 @@ def test_init_from_upcycles_a_recipe_run_as_the_trainer_does(tmp_path):
     _fake_run(tmp_path / "run", dense_config, dense.state_dict())
     (tmp_path / "run" / "config.json").write_text(json.dumps({"config": dense_config.to_dict()}))
     raw = {"data": {"seq_len": SEQ}, "train": {"init_from": f"upcycle:{tmp_path / 'run'}"}}
-    config = config_from_dict({**raw, "model": {**FINE, "moe_drop_tokens": False}})
+    config = config_from_dict({**raw, "model": FINE})
     assert (config.model.hidden_size, config.model.intermediate_size, config.is_moe) == (32, 64, True)
+    assert config.model.moe_drop_tokens is False  # upcycling defaults to dropless: a drop breaks the equality
     model = TransformerLM(config)
     model.init_weights(config.train.seed)
     load_initial_weights(model, config, ep_rank=0)

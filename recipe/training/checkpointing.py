@@ -69,8 +69,9 @@ def start_or_resume(plan: RunPlan, job: Job, ranks: Ranks, log: Log) -> Optional
 def _write_run_config(plan: RunPlan) -> None:
     ds = plan.ds
     init = plan.config.train.init_from
-    if init is not None and parse_init_from(init).kind == "hf":  # the export writes its other fields back
-        shutil.copyfile(parse_init_from(init).path / "config.json", plan.run_dir / HF_SOURCE_CONFIG)
+    source = parse_init_from(init).path / "config.json" if init is not None else None
+    if source is not None and not (source.parent / "checkpoints").is_dir():  # a Hugging Face folder, not a run:
+        shutil.copyfile(source, plan.run_dir / HF_SOURCE_CONFIG)  # the export writes its fields back
     (plan.run_dir / "config.json").write_text(json.dumps(
         {"config": plan.config.to_dict(), "ds_config": ds.deepspeed, "ds_config_path": ds.path, "ep_size": ds.ep_size,
          "world_size": plan.world_size}, indent=2))

@@ -6,7 +6,6 @@ Each problem raises ``ConfigError`` with one line naming it and the fix; nothing
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint import checkpoint_root, complete_tags, latest_tag, load_recipe_state, resume_problem
-from ..config import ConfigError, RecipeConfig, config_from_dict, config_from_saved, load_config
+from ..config import ConfigError, RecipeConfig, config_from_saved, load_config
 from ..data.loader import TokenDataset
 from ..data.tokenizer import tokenizer_file
 from ..init_from import parse_init_from
@@ -35,7 +34,7 @@ class RunPlan:
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
     """The checked plan of this launch (``args`` from ``recipe.train.parse_args``). Raises ConfigError."""
-    config = _with_command_line(load_config(args.config, list(args.set)), args)
+    config = load_config(args.config, list(args.set) + _command_line_overrides(args))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds = resolve_ds_config(read_ds_config(args.ds_config), config, world_size, args.ds_config)
     train_data = _check_data(config, ds, world_size)
@@ -59,14 +58,11 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     return RunPlan(config=config, ds=ds, run_dir=run_dir, world_size=world_size, resume_tag=tag, reshard=reshard)
 
 
-def _with_command_line(config: RecipeConfig, args: argparse.Namespace) -> RecipeConfig:
-    """``--run_dir`` and ``--resume`` win over the config file's train.run_dir / train.resume."""
-    train = config.train
-    if args.run_dir:
-        train = dataclasses.replace(train, run_dir=args.run_dir)
-    if args.resume:
-        train = dataclasses.replace(train, resume=True)
-    return dataclasses.replace(config, train=train)
+def _command_line_overrides(args: argparse.Namespace) -> list[str]:
+    """``--run_dir`` and ``--resume`` win over the config file's train.run_dir / train.resume; as overrides they
+    are known while the config resolves (a resumed ``train.init_from`` run reads its saved config, not its source)."""
+    overrides = [f"train.run_dir={args.run_dir!r}"] if args.run_dir else []
+    return overrides + (["train.resume=True"] if args.resume else [])
 
 
 def _check_data(config: RecipeConfig, ds: DSConfig, world_size: int) -> TokenDataset:
@@ -97,28 +93,19 @@ def _check_data(config: RecipeConfig, ds: DSConfig, world_size: int) -> TokenDat
 
 
 def _check_init_source(config: RecipeConfig, train_data: TokenDataset) -> None:
-    """``train.init_from``: every weight the model needs is in the source with its shape (file headers only),
-    and a Hugging Face source's tokenizer made the token shards."""
-    from ..hf_import import check_hf_weights, read_hf_model
+    """``train.init_from``: every weight the model needs is in a Hugging Face source with its shape (file headers
+    only), and the source's tokenizer (a run's: the one it was trained with) made the token shards."""
+    from ..hf_import import check_hf_weights, dense_config, read_hf_model
 
     init = parse_init_from(config.train.init_from)
-    if init.kind == "upcycle" and (init.path / "checkpoints").is_dir():
-        if latest_tag(init.path) is None:
-            raise ConfigError(f"`train.init_from='upcycle:{init.path}'`: no complete checkpoint in "
-                              f"{checkpoint_root(init.path)}; train the dense model first")
-        return
-    hf = read_hf_model(init.path)
-    if init.kind == "hf":
-        check_hf_weights(init.path, config, hf.arch)
-    else:
-        dense = config_from_dict({"model_type": "INTERNLM", "model": {**hf.architecture, "max_seq_len": 1},
-                                  "data": {"seq_len": 1}})
-        check_hf_weights(init.path, dense, hf.arch)
+    if not (init.kind == "upcycle" and (init.path / "checkpoints").is_dir()):  # a recipe run: read when built
+        hf = read_hf_model(init.path)
+        check_hf_weights(init.path, config if init.kind == "hf" else dense_config(hf), hf.arch)
     their_tokenizer = _tokenizer_in(init.path)
     if their_tokenizer is not None and not train_data.made_by(their_tokenizer):
         raise ConfigError(f"the token shards in {config.data.path} were not made by {their_tokenizer}, the tokenizer "
                           f"of the model in {init.path}; prepare them with `python -m recipe.data.prepare --source "
-                          f"YOUR_TEXT --out DIR --tokenizer {init.path}` and set data.path=DIR")
+                          f"YOUR_TEXT --out DIR --tokenizer {their_tokenizer}` and set data.path=DIR")
 
 
 def _tokenizer_in(folder: Path) -> Optional[Path]:
