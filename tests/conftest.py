@@ -143,6 +143,18 @@ def launch(nproc: int, config: Path, ds_config: Path, run_dir: Path, *extra: str
     return proc
 
 
+def train_layouts(config: Path, layouts: dict[str, tuple[int, int, int]], tmp_path: Path) -> dict[str, list[dict]]:
+    """Train ``config`` once per layout ``{name: (ranks, micro batch, ep_size)}`` (ds_config zero2_fp32.json with
+    those changed), each in ``tmp_path / name``; returns each run's train records."""
+    results = {}
+    for name, (ranks, micro, ep) in layouts.items():
+        ds = write_ds_config(tmp_path / f"{name}.json", train_micro_batch_size_per_gpu=micro,
+                             moe_recipe={"ep_size": ep})
+        launch(ranks, config, ds, tmp_path / name)
+        results[name], _ = read_metrics(tmp_path / name)
+    return results
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) from metrics.jsonl."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import WORDS, launch, read_metrics, write_ds_config
+from conftest import WORDS, launch, read_metrics, train_layouts, write_ds_config
 
 pytestmark = pytest.mark.multirank
 transformers = pytest.importorskip("transformers")
@@ -99,12 +99,7 @@ def test_import_continues_at_every_expert_parallel_size_and_exports_back(hf_worl
     moe_dir, _, data = hf_world
     config = _config(tmp_path / "cfg.py", data, f"hf:{moe_dir}", dict(max_seq_len=32), steps=3)
     layouts = {"1rank_ep1": (1, 4, 1), "2rank_ep2": (2, 2, 2), "4rank_ep4": (4, 1, 4)}  # ranks, micro, ep
-    results = {}
-    for name, (ranks, micro, ep) in layouts.items():
-        ds = write_ds_config(tmp_path / f"{name}.json", train_micro_batch_size_per_gpu=micro,
-                             moe_recipe={"ep_size": ep})
-        launch(ranks, config, ds, tmp_path / name)
-        results[name], _ = read_metrics(tmp_path / name)
+    results = train_layouts(config, layouts, tmp_path)
     reference = results["1rank_ep1"]
     # step 1 trains the imported weights: its loss is transformers' loss on the same tokens
     assert reference[0]["lm_loss"] == pytest.approx(_reference_loss(moe_dir, data), rel=1e-5)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import ROOT, launch, read_metrics, write_config, write_ds_config
+from conftest import ROOT, launch, read_metrics, train_layouts, write_config, write_ds_config
 
 pytestmark = pytest.mark.multirank
 
@@ -43,12 +43,7 @@ def test_loss_and_grad_norm_do_not_depend_on_the_parallel_layout(tiny_data, tmp_
         "2rank_ep2": (2, 2, 2),
         "4rank_ep2": (4, 1, 2),
     }
-    results = {}
-    for name, (ranks, micro, ep) in layouts.items():
-        ds = write_ds_config(tmp_path / f"{name}.json", train_micro_batch_size_per_gpu=micro,
-                             moe_recipe={"ep_size": ep})
-        launch(ranks, config, ds, tmp_path / name)
-        results[name], _ = read_metrics(tmp_path / name)
+    results = train_layouts(config, layouts, tmp_path)
     reference = results["1rank_ep1"]
     assert len(reference) == 6
     for name, records in results.items():

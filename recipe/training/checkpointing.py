@@ -9,7 +9,6 @@ import json
 import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
