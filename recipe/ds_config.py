@@ -7,12 +7,16 @@ A ds_config is DeepSpeed's own JSON plus one recipe block, removed before DeepSp
 Batch sizes live only here: ``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps``;
 the global batch follows from the world size (``train_batch_size``, if given, must agree).
 ``"auto"`` in the scheduler's ``total_num_steps`` / ``warmup_num_steps`` is filled from ``train.steps``.
-Combinations DeepSpeed would assert on later (or silently mistrain with) are rejected here, up front.
+Combinations DeepSpeed would assert on later (or silently mistrain with) are rejected here, up front, and so are
+keys DeepSpeed's own config parser never reads (typos it would ignore), blocks its pydantic models refuse, and
+optimizer or scheduler types it cannot build; a JSON whose top level is not an object is refused when read.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+from collections.abc import KeysView
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,9 +47,13 @@ def read_ds_config(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"ds_config {path} not found; pick one of ds_configs/*.json")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"ds_config {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"ds_config {path} holds a JSON {type(raw).__name__}; a DeepSpeed config is one object "
+                          f"{{...}} (see ds_configs/*.json)")
+    return raw
 
 
 def _positive_int(value, what: str) -> int:
@@ -65,6 +73,8 @@ def resolve_ds_config(raw: dict, config: RecipeConfig, world_size: int, path: st
     _fill_auto_schedule(ds, config.train.steps)
     if "optimizer" not in ds:
         raise ConfigError(f"{path}: declare the optimizer in the ds_config (e.g. AdamW); the recipe builds none itself")
+    _check_types(ds, path)
+    _check_deepspeed_reads_every_key(ds, path)
     return DSConfig(path=str(path), deepspeed=ds, ep_size=ep_size, precision=precision, zero_stage=stage,
                     micro_batch_size=micro, grad_accum_steps=accum)
 
@@ -146,3 +156,83 @@ def _fill_auto_schedule(ds: dict, train_steps: int) -> None:
         scheduler["total_num_steps"] = train_steps
     if scheduler.get("warmup_num_steps") == "auto":
         scheduler["warmup_num_steps"] = max(1, train_steps // 20)
+
+
+class _ReadTracking(dict):
+    """A dict that records which keys are looked up (``get``, ``[]``, ``in``, ``in .keys()``)."""
+
+    def __init__(self, data: dict, seen: set):
+        super().__init__(data)
+        self.seen = seen
+
+    def get(self, key, *default):
+        self.seen.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.seen.add(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return _TrackedKeys(self)
+
+    def __copy__(self):  # DeepSpeedConfig parses a shallow copy: keep recording
+        return _ReadTracking(self, self.seen)
+
+
+class _TrackedKeys(KeysView):
+    def __contains__(self, key):
+        return key in self._mapping
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_deepspeed_reads_every_key(ds: dict, path: str) -> None:
+    """Parse the JSON with DeepSpeed's own ``DeepSpeedConfig``, recording the top-level keys it reads: a key it never
+    reads (a typo such as ``gradient_acumulation_steps``) would be ignored silently, and a block its pydantic models
+    refuse (``zero_optimization.contiguous_gradient``) would fail later on every rank. Both are refused here."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = {k: v for k, v in ds.items() if k != "train_batch_size"}  # world-size dependent, checked above
+    seen: set = set()
+    try:
+        DeepSpeedConfig(_ReadTracking(probe, seen))
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise ConfigError(f"{path}: DeepSpeed's {exc.title} refuses `{where}` ({error['msg']}); check that key in "
+                          f"its block") from None
+    except Exception:  # noqa: BLE001 - a check that depends on the launch (world size, devices): DeepSpeed's own
+        return
+    unknown = sorted(set(probe) - seen)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key `{unknown[0]}`: DeepSpeed never reads it"
+                          f"{_did_you_mean(unknown[0], seen)}")
+
+
+def _check_types(ds: dict, path: str) -> None:
+    """The optimizer and scheduler types name classes DeepSpeed can build (else it asserts on every rank)."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    optimizer = str(ds["optimizer"].get("type", ""))
+    torch_optimizers = [name for name, cls in vars(torch.optim).items()
+                        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)]
+    if optimizer.lower() not in DEEPSPEED_OPTIMIZERS and optimizer not in torch_optimizers:
+        choices = ["AdamW", "Adam", "Lamb", "Lion", "Adagrad", *torch_optimizers]
+        raise ConfigError(f"{path}: optimizer.type {optimizer!r} is neither a DeepSpeed optimizer nor a torch.optim "
+                          f"class{_did_you_mean(optimizer, choices)}")
+    scheduler = ds.get("scheduler", {}).get("type")
+    known = scheduler is None or hasattr(lr_schedules, str(scheduler)) or hasattr(torch.optim.lr_scheduler, str(scheduler))
+    if not known:
+        raise ConfigError(f"{path}: scheduler.type {scheduler!r} is neither a DeepSpeed nor a torch LR scheduler"
+                          f"{_did_you_mean(scheduler, lr_schedules.VALID_LR_SCHEDULES)}")
