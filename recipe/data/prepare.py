@@ -136,22 +136,17 @@ def _load_given_tokenizer(tokenizer_model: Path | None, vocab_size: int | None) 
 
 
 def _check_special_ids(tok: AnyTokenizer, where: Path | None) -> None:
-    """ValueError unless ``tok`` has an eos (documents are separated by it) and a bos when it asks for one."""
-    if isinstance(tok, HFTokenizer):
-        if tok.eos_id < 0:
-            raise ValueError(
-                f"tokenizer {where} has no eos token; documents are separated by eos. Set eos_token_id in "
-                "its folder's config.json (or eos_token in tokenizer_config.json)"
-            )
-        if tok.add_bos_token and tok.bos_id < 0:
-            raise ValueError(
-                f"tokenizer {where} asks for a bos token (add_bos_token) but names none; set bos_token_id "
-                "in its folder's config.json or add_bos_token false in tokenizer_config.json"
-            )
-    elif tok.eos_id < 0:
+    """ValueError unless ``tok`` has an eos (documents are separated by it) and a bos when it asks for one
+    (only an HF tokenizer can: a SentencePiece one never sets add_bos_token)."""
+    if tok.eos_id < 0:
+        fix = ("token; documents are separated by eos. Set eos_token_id in its folder's config.json (or eos_token "
+               "in tokenizer_config.json)" if isinstance(tok, HFTokenizer) else
+               "piece; documents are separated by eos. Retrain it with recipe.data.tokenizer.train_tokenizer (eos id 2)")
+        raise ValueError(f"tokenizer {where} has no eos {fix}")
+    if tok.add_bos_token and tok.bos_id < 0:
         raise ValueError(
-            f"tokenizer {where} has no eos piece; documents are separated by eos. "
-            "Retrain it with recipe.data.tokenizer.train_tokenizer (eos id 2)"
+            f"tokenizer {where} asks for a bos token (add_bos_token) but names none; set bos_token_id "
+            "in its folder's config.json or add_bos_token false in tokenizer_config.json"
         )
 
 

@@ -259,11 +259,7 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; ValueError if an id is outside ``[0, vocab_size)``."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        return str(self._sp.decode(ids))
+        return str(self._sp.decode(_ids_in_range(ids, self.vocab_size)))
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
@@ -398,14 +394,19 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (special tokens kept); ValueError if an id is outside ``[0, vocab_size)``."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        return str(self._tok.decode(ids, skip_special_tokens=False))
+        return str(self._tok.decode(_ids_in_range(ids, self.vocab_size), skip_special_tokens=False))
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
+
+
+def _ids_in_range(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """``ids`` as ints; ValueError naming the first few outside ``[0, vocab_size)`` (both tokenizers' decode)."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
+    return ids
 
 
 def _read_json_config(path: Path) -> dict[str, Any]:
