@@ -63,8 +63,7 @@ def load_hf_model(hf_dir: str | Path):
 
     config = config_from_dict({"data": {"seq_len": 1}, "train": {"init_from": f"hf:{hf_dir}"}})
     model = TransformerLM(config, ep_size=1)
-    model.init_weights(config.train.seed)
-    load_hf_weights(model, hf_dir, config.model.hf_architecture)
+    load_hf_weights(model, hf_dir, config.model.hf_architecture)  # every weight; the routing bias starts at 0
     return model.eval(), config
 
 

@@ -66,8 +66,11 @@ def imported_config(hf_dir, **model):
 def imported_model(hf_dir, ep_size=1, ep_rank=0, **model):
     config = imported_config(hf_dir, **model)
     ours = TransformerLM(config, ep_size=ep_size)
-    ours.init_weights(seed=0, ep_rank=ep_rank)
+    with torch.no_grad():  # the trainer loads without a random init first: every weight must be written
+        for param in ours.parameters():
+            param.fill_(float("nan"))
     load_hf_weights(ours, hf_dir, config.model.hf_architecture, ep_rank)
+    assert not any(param.isnan().any() for param in ours.parameters())
     return config, ours.eval()
 
 

@@ -42,9 +42,10 @@ def build_job(plan: RunPlan, ranks: Ranks) -> Job:
     config, ds = plan.config, plan.ds
     ep_rank = expert_parallel_rank(ds.ep_size) if config.is_moe else 0  # creates DeepSpeed's EP groups
     model = TransformerLM(config, ep_size=ds.ep_size)
-    model.init_weights(config.train.seed, ep_rank)
     if config.train.init_from is not None and plan.resume_tag is None:  # on --resume the checkpoint wins
-        load_initial_weights(model, config, ep_rank)
+        load_initial_weights(model, config, ep_rank)  # writes every weight: a random init first would be lost
+    else:
+        model.init_weights(config.train.seed, ep_rank)
     source = None
     if plan.reshard:  # another layout: every expert file is read, this rank keeps its own experts
         source = read_reshard_source(plan)
@@ -60,7 +61,8 @@ def build_job(plan: RunPlan, ranks: Ranks) -> Job:
 
 
 def load_initial_weights(model: TransformerLM, config: RecipeConfig, ep_rank: int) -> None:
-    """``train.init_from``: this rank's share of a Hugging Face MoE, or the MoE upcycled from a dense source."""
+    """``train.init_from``: this rank's share of a Hugging Face MoE, or the MoE upcycled from a dense source; every
+    weight is written (buffers such as the routing bias keep their zeros from construction)."""
     init = parse_init_from(config.train.init_from)
     if init.kind == "hf":
         from ..hf_import import load_hf_weights

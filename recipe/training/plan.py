@@ -98,9 +98,11 @@ def _check_init_source(config: RecipeConfig, train_data: TokenDataset) -> None:
     from ..hf_import import check_hf_weights, dense_config, read_hf_model
 
     init = parse_init_from(config.train.init_from)
-    if not (init.kind == "upcycle" and (init.path / "checkpoints").is_dir()):  # a recipe run: read when built
+    if init.kind == "hf":  # the config was resolved from this folder: its class is known
+        check_hf_weights(init.path, config, config.model.hf_architecture)
+    elif not (init.path / "checkpoints").is_dir():  # a Hugging Face dense source (a recipe run is read when built)
         hf = read_hf_model(init.path)
-        check_hf_weights(init.path, config if init.kind == "hf" else dense_config(hf), hf.arch)
+        check_hf_weights(init.path, dense_config(hf), hf.arch)
     their_tokenizer = _tokenizer_in(init.path)
     if their_tokenizer is not None and not train_data.made_by(their_tokenizer):
         raise ConfigError(f"the token shards in {config.data.path} were not made by {their_tokenizer}, the tokenizer "
