@@ -104,7 +104,8 @@ def _refusals(c, arch: str) -> Iterator[str]:
         yield f"clip_qkv={c.clip_qkv}: the recipe does not clip q/k/v"
 
 
-def _attention_keys(c, arch: str) -> dict:
+def _attention_section(c, arch: str) -> dict:
+    """The ``model.*`` keys of the embedding, attention and norms of transformers config ``c``."""
     heads = c.num_attention_heads
     rope = dict(getattr(c, "rope_parameters", None) or {})
     return dict(
@@ -127,7 +128,8 @@ def moe_layer_placement(num_layers: int, moe_layers: list[int]) -> Optional[tupl
     return None
 
 
-def _moe_keys(c, arch: str) -> dict:
+def _moe_section(c, arch: str) -> dict:
+    """The ``model.*`` keys of the FFN slots (experts, routing, shared expert, which layers are MoE) of ``c``."""
     n = c.num_hidden_layers
     if arch in ("mixtral", "olmoe"):
         width, dense_width, moe_layers = c.intermediate_size, c.intermediate_size, list(range(n))
@@ -164,13 +166,13 @@ def read_hf_model(hf_dir: str | Path) -> HFModel:
     refusal = next(_refusals(c, arch), None)
     if refusal:
         raise HFImportError(f"{hf_dir / 'config.json'}: {refusal}; nothing was imported")
-    architecture = _attention_keys(c, arch)
+    architecture = _attention_section(c, arch)
     if arch in DENSE_CLASSES:
         architecture["intermediate_size"] = c.intermediate_size
         defaults, model_type = {}, "INTERNLM"
     else:
         try:
-            architecture.update(_moe_keys(c, arch))
+            architecture.update(_moe_section(c, arch))
         except HFImportError as exc:
             raise HFImportError(f"{hf_dir / 'config.json'}: {exc}; nothing was imported") from None
         # HF's models never drop tokens; its balancing loss counts all k choices, as our "switch" does.
