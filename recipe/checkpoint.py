@@ -122,9 +122,39 @@ def commit(run_dir: str | Path, tag: str, world_size: int, moe_layers: int, num_
                            f"`latest` still names the previous checkpoint")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != COMPLETE)
     listing = "".join(f"{p.name} {p.stat().st_size}\n" for p in files)
-    _write_atomic(folder / COMPLETE, f"{tag}\n# every file of this checkpoint and its size in bytes, checked by --resume\n"
-                                     f"{listing}")
+    header = "# every file of this checkpoint and its size in bytes, checked by --resume"
+    _write_atomic(folder / COMPLETE, f"{tag}\n{header}\n{listing}")
     _write_atomic(checkpoint_root(run_dir) / LATEST, tag)
+    write_converter_pointers(checkpoint_root(run_dir))
+
+
+# DeepSpeed's save_checkpoint drops its converters into the checkpoints folder (rank 0, every save). They cannot
+# read our checkpoints (each expert in its own file: "... is not a model state checkpoint"), so ``commit``
+# replaces them with a script that says what to run instead: a DeepSpeed user's reflex meets one line, not a
+# traceback. They sit beside the tag folders, outside what COMPLETE lists and what the readers open.
+DEEPSPEED_CONVERTERS = ("zero_to_fp32.py", "zero_to_torch.py")
+_CONVERTER_POINTER = '''#!/usr/bin/env python
+"""Written by moe-recipe in place of DeepSpeed's converter, which cannot read these checkpoints."""
+import shlex
+import sys
+from pathlib import Path
+
+run_dir = Path(__file__).resolve().parent.parent
+given = [a for a in sys.argv[1:] if not a.startswith("-")]
+out = given[1] if len(given) > 1 else "model_fp32.pt"
+print(f"{Path(__file__).name}: DeepSpeed's converter cannot read this run's checkpoints (one file per expert); "
+      f"in the moe-recipe checkout run: python -m recipe.export --run_dir {shlex.quote(str(run_dir))} "
+      f"--format torch --out {shlex.quote(out)}  (or --format hf --out DIR; --tag TAG for another checkpoint)",
+      file=sys.stderr)
+sys.exit(1)
+'''
+
+
+def write_converter_pointers(root: Path) -> None:
+    """``zero_to_fp32.py`` / ``zero_to_torch.py`` in ``root`` that point to ``recipe.export`` and exit 1."""
+    for name in DEEPSPEED_CONVERTERS:
+        _write_atomic(root / name, _CONVERTER_POINTER)
+        (root / name).chmod(0o755)
 
 
 def recorded_files(folder: Path) -> Optional[dict[str, int]]:

@@ -257,6 +257,10 @@ class Tokenizer:
         """Token ids of each text, encoded in parallel (``num_threads=0``: all cores)."""
         return [list(ids) for ids in self._sp.encode(list(texts), out_type=int, num_threads=num_threads)]
 
+    def id_to_token(self, token_id: int) -> str:
+        """The piece string of ``token_id`` (e.g. ``"<s>"`` for bos)."""
+        return str(self._sp.id_to_piece(_ids_in_range([token_id], self.vocab_size)[0]))
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; ValueError if an id is outside ``[0, vocab_size)``."""
         return str(self._sp.decode(_ids_in_range(ids, self.vocab_size)))
@@ -392,6 +396,13 @@ class HFTokenizer:
             return [self.encode(t) for t in texts]
         return [list(e.ids) for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
 
+    def id_to_token(self, token_id: int) -> str:
+        """The token string of ``token_id``; ValueError for an id in a hole of the vocabulary."""
+        token = self._tok.id_to_token(_ids_in_range([token_id], self.vocab_size)[0])
+        if token is None:
+            raise ValueError(f"token id {token_id} is not in {self.model_path}; pass an id the tokenizer has")
+        return str(token)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (special tokens kept); ValueError if an id is outside ``[0, vocab_size)``."""
         return str(self._tok.decode(_ids_in_range(ids, self.vocab_size), skip_special_tokens=False))
@@ -455,3 +466,72 @@ def load_tokenizer(path: Path) -> Tokenizer | HFTokenizer:
     its ``tokenizer.json``, else its ``tokenizer.model`` (see ``tokenizer_file``)."""
     file = tokenizer_file(path)
     return HFTokenizer(file) if file.suffix == ".json" else Tokenizer(file)
+
+
+# --------------------------------------------------------------------------- #
+# SentencePiece model -> Hugging Face tokenizer.json (for the HF export)
+# --------------------------------------------------------------------------- #
+
+_SP_SPACE = "\u2581"  # "▁": SentencePiece's space marker
+
+
+def sentencepiece_to_hf(model_path: Path, add_bos: bool) -> tokenizers.Tokenizer:
+    """A ``tokenizers`` tokenizer that encodes every string to the ids ``Tokenizer(model_path).encode`` gives and
+    decodes them back to the same text (control pieces dropped, as SentencePiece does); with ``add_bos`` its
+    post-processor puts ``<s>`` first (the shards' ``bos_per_document``). Only the kind of model trained here
+    (BPE, identity normalization, spaces kept, byte fallback) is converted: ValueError naming any other setting."""
+    from sentencepiece import sentencepiece_model_pb2  # protobuf-based; only the export needs it
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_path).read_bytes())
+    _check_convertible(proto, Path(model_path), add_bos)
+    pieces = proto.pieces
+    vocab = {p.piece: i for i, p in enumerate(pieces)}
+    normal = {p.piece for p in pieces if p.type == p.NORMAL}
+    # SentencePiece's BPE joins the adjacent pair whose union scores highest: merges ranked by that score.
+    merged = sorted((i for i, p in enumerate(pieces) if p.type == p.NORMAL and len(p.piece) > 1),
+                    key=lambda i: (-pieces[i].score, i))
+    merges = [(pieces[i].piece[:cut], pieces[i].piece[cut:]) for i in merged for cut in range(1, len(pieces[i].piece))
+              if pieces[i].piece[:cut] in normal and pieces[i].piece[cut:] in normal]
+    unk = pieces[proto.trainer_spec.unk_id].piece
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                                     byte_fallback=True))
+    dummy_prefix = proto.normalizer_spec.add_dummy_prefix  # SentencePiece puts "▁" before every non-empty text
+    steps = [tokenizers.normalizers.Prepend(_SP_SPACE)] if dummy_prefix else []
+    tok.normalizer = tokenizers.normalizers.Sequence(steps + [tokenizers.normalizers.Replace(" ", _SP_SPACE)])
+    decode_steps = [tokenizers.decoders.Replace(_SP_SPACE, " "), tokenizers.decoders.ByteFallback(),
+                    tokenizers.decoders.Fuse()]
+    if dummy_prefix:  # ... and drops it again when decoding
+        decode_steps.append(tokenizers.decoders.Strip(" ", 1, 0))
+    tok.decoder = tokenizers.decoders.Sequence(decode_steps)
+    specials = [p.piece for p in pieces if p.type in (p.UNKNOWN, p.CONTROL)]
+    tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in specials])
+    if add_bos:
+        bos = pieces[proto.trainer_spec.bos_id].piece
+        tok.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, proto.trainer_spec.bos_id)])
+    return tok
+
+
+def _check_convertible(proto: Any, model_path: Path, add_bos: bool) -> None:
+    """ValueError unless ``sentencepiece_to_hf`` reproduces this model exactly (what train_tokenizer writes)."""
+    norm, trainer = proto.normalizer_spec, proto.trainer_spec
+    settings = {
+        "model_type": (trainer.model_type == trainer.BPE, "BPE"),
+        "normalization_rule_name": (norm.name == "identity" and not norm.precompiled_charsmap, "identity"),
+        "remove_extra_whitespaces": (not norm.remove_extra_whitespaces, "False"),
+        "escape_whitespaces": (norm.escape_whitespaces, "True"),
+        "treat_whitespace_as_suffix": (not trainer.treat_whitespace_as_suffix, "False"),
+        "byte_fallback": (trainer.byte_fallback, "True"),  # without it SentencePiece's <unk> runs are not tested
+    }
+    wrong = [f"{name} (needs {need})" for name, (ok, need) in settings.items() if not ok]
+    kinds = {p.type for p in proto.pieces} - {proto.pieces[0].NORMAL, proto.pieces[0].UNKNOWN,
+                                               proto.pieces[0].CONTROL, proto.pieces[0].BYTE}
+    if kinds:
+        wrong.append("user-defined or unused pieces (needs none)")
+    if trainer.unk_id < 0 or (add_bos and trainer.bos_id < 0):
+        wrong.append("no <unk> piece, or no <s> while the shards start documents with it (needs both)")
+    if wrong:
+        raise ValueError(f"{model_path} cannot be written as an exact tokenizer.json: {', '.join(wrong)}; "
+                         "prepare the data with a tokenizer trained by recipe.data.prepare, or export with "
+                         "--format torch and keep the .model")
