@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -193,3 +194,26 @@ def test_a_sentencepiece_model_it_cannot_reproduce_is_refused_before_writing(tmp
     assert main(["--run_dir", str(run), "--format", "torch", "--out", str(tmp_path / "m.pt")]) == 0
     assert os.listdir(tmp_path / "m.tokenizer") == ["tokenizer.model"]  # the torch export still carries the .model
     assert torch.load(tmp_path / "m.pt", weights_only=False)["tokenizer"] == "m.tokenizer/tokenizer.model"
+
+
+def random_text(rng: random.Random, length: int) -> str:
+    """Text from pieces that stress the conversion: runs of spaces, tabs, newlines, digits, unicode outside the
+    vocabulary, the space marker, literal special tokens, and syllables that BPE merges."""
+    pool = list("abcdefghijklmnopqrstuvwxyzABC0123456789 .,;:!?'\"-\t\n\r") + list("éüñ漢字😀▁☃Ω")
+    syllables = ["the", "tion", "ing", " an", "er", " re", "  ", "   ", "ou", "12", " 3", "st", "ly", "<s>", "</s>"]
+    return "".join(rng.choice(pool) if rng.random() < 0.3 else rng.choice(syllables) for _ in range(length))
+
+
+def test_a_larger_tokenizer_converts_exactly_on_random_text(tmp_path):
+    """Property check on 1000 seeded random strings, with a 1000-piece model (many merges that compete)."""
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(random_text(rng, rng.randint(5, 80)) for _ in range(3000)))
+    ours = load_tokenizer(train_tokenizer([corpus], tmp_path / "run" / "tokenizer", vocab_size=1000))
+    save_tokenizer(tmp_path / "run", {}, tmp_path / "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for _ in range(1000):
+        text = random_text(rng, rng.randint(0, 60))
+        ids = ours.encode(text)
+        assert theirs(text)["input_ids"] == ids, text
+        assert theirs.decode(ids) == ours.decode(ids), text
