@@ -17,7 +17,7 @@ from conftest import ROOT
 from recipe.data import corpus as corpus_mod
 from recipe.data.corpus import fetch_sotu, read_documents
 from recipe.data.loader import BatchLoader, TokenDataset, eval_batches
-from recipe.data.prepare import load_meta, main, prepare_dataset, split_documents
+from recipe.data.prepare import _build_parser, load_meta, main, prepare_dataset, split_documents
 from recipe.data.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
 
 PARAGRAPH = (
@@ -372,6 +372,68 @@ def test_prepare_cli(tmp_path: Path, tokenizer_path: Path, capsys: pytest.Captur
     assert load_meta(out)["tokenizer_sha256"] == Tokenizer(tokenizer_path).sha256
     assert main(["--source", str(tmp_path / "nope"), "--out", str(out), "--vocab-size", "300"]) == 1
     assert "corpus path not found" in capsys.readouterr().err
+
+
+def test_prepare_help_documents_every_option() -> None:
+    """--help explains itself: every option has a help text and appears in it; what is read and written, the
+    vocabulary tie and a worked example are there (not in the module docstring only)."""
+    parser = _build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), action.option_strings
+        assert all(option in text for option in action.option_strings), action.option_strings
+    for needle in ("recursively", "*.txt", "*.jsonl", "UTF-8", "--text-field", "train.bin", "meta.json",
+                   "model.vocab_size", "example", "--source data/sotu/raw", "--text-field body"):
+        assert needle in text, needle
+
+
+def _jsonl_corpus(path: Path, field: str, num_docs: int = 6) -> Path:
+    lines = [json.dumps({"id": i, field: " ".join(_sentences()[i % 3:])}) for i in range(num_docs)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_prepare_reads_jsonl_from_the_text_field_flag(tmp_path: Path, tokenizer_path: Path) -> None:
+    corpus = _jsonl_corpus(tmp_path / "c.jsonl", "body")
+    out = tmp_path / "out"
+    assert main(["--source", str(corpus), "--out", str(out), "--tokenizer", str(tokenizer_path),
+                 "--text-field", "body", "--val-every", "3"]) == 0
+    meta = load_meta(out)
+    assert sorted(meta["train_docs"] + meta["val_docs"]) == sorted(f"c.jsonl:{i}" for i in range(1, 7))
+    assert meta["train_tokens"] > 6 * 20
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"body": "no text"}', 'no field "text" (fields: "body")'),
+    ('{"text": 7}', 'its field "text" is a JSON number, not a string'),
+    ('["a", "list"]', "a JSON array, not an object"),
+    ('{"text": oops}', "invalid JSON"),
+])
+def test_prepare_names_a_bad_jsonl_line_and_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture, line: str,
+                                                     problem: str) -> None:
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "bad.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
+    assert main(["--source", str(corpus), "--out", str(tmp_path / "out"), "--vocab-size", "300"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {corpus / 'bad.jsonl'}:2: {problem}"), err
+    assert "--text-field" in err and ("--text-field NAME" in err or '{"text": "..."}' in err)
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_prepare_says_in_one_line_when_a_folder_has_nothing_to_read(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "notes.md").write_text("not read")
+    (folder / ".hidden.txt").write_text("not read")
+    assert main(["--source", str(folder), "--out", str(tmp_path / "out"), "--vocab-size", "300"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no .txt or .jsonl file in {folder} (searched recursively" in err, err
+    (folder / "blank.txt").write_text("\n \n")
+    assert main(["--source", str(folder), "--out", str(tmp_path / "out"), "--vocab-size", "300"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "empty corpus: no non-blank document" in err, err
 
 
 # --------------------------------------------------------------------------- #

