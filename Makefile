@@ -43,14 +43,18 @@ train: install data
 	NPROC=$(NPROC) launch/train.sh --config $(CONFIG) --ds_config $(DS_CONFIG) --run_dir $$run -- --samples 3 && \
 	ln -sfn $$(basename $$run) runs/latest && echo "run folder: $$run (also runs/latest)"
 
-# Samples from a run's newest checkpoint on one process: make generate RUN=runs/<time>
+# Samples from a run's newest checkpoint on one process: make generate RUN=runs/<time>; each sample starts a new
+# document unless GENERATE_ARGS gives prompts, e.g. GENERATE_ARGS='--prompt "Once upon a time" --prompts-file p.txt'.
 generate: install
-	$(PY) -m recipe.generate --run_dir $(RUN)
+	$(PY) -m recipe.generate --run_dir $(RUN) $(GENERATE_ARGS)
 
 # The default MoE, the fine-grained MoE and their dense twin (same active parameters per token) on the same tokens
-# and budget: the validation losses and a PNG of the loss curves in runs/compare-<time>/.
+# and budget: the validation losses and a PNG of the loss curves in runs/compare-<time>/. CONFIGS="a.py b.py"
+# compares those configs instead (an MoE on ds_configs/zero2_fp32_ep2.json, a dense one on zero2_fp32.json). Each
+# launch gets a free master port, so a comparison can run beside another training.
+CONFIGS ?=
 compare: install data
-	$(PY) -m recipe.compare --nproc $(NPROC)
+	$(PY) -m recipe.compare --nproc $(NPROC) $(if $(strip $(CONFIGS)),--configs $(CONFIGS))
 
 # Benchmarks; use an idle machine: timings are side by side but shared cores still skew them.
 # bench-layer: our MoE vs deepspeed.moe.layer.MoE vs experts-only vs dense (ratios, tokens/s, peak memory),

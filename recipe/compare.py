@@ -4,25 +4,73 @@ Trains ``recipe/configs/tiny_moe.py`` (8 experts, top-2), ``recipe/configs/tiny_
 experts, top-4, a shared expert, bias balancing) and ``recipe/configs/tiny_dense.py``, all with the same
 active parameters per token, one after the other through launch/train.sh, on the same data, steps, batch
 and seed, then prints the validation losses and writes ``<out>/moe_vs_dense.png`` (validation and training
-loss curves) and ``<out>/compare.json``.
+loss curves) and ``<out>/compare.json``. ``--configs A.py B.py ...`` (``make compare CONFIGS="A.py B.py"``)
+trains those instead, each named by its file name; an MoE config gets ds_configs/zero2_fp32_ep2.json, a dense
+one ds_configs/zero2_fp32.json, unless ``--ds_config`` names one for all. Every launch gets a free master port,
+so a comparison runs beside another training.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENDERS = {  # name: (config, ds_config)
-    "moe": ("recipe/configs/tiny_moe.py", "ds_configs/zero2_fp32_ep2.json"),
-    "finegrained": ("recipe/configs/tiny_finegrained.py", "ds_configs/zero2_fp32_ep2.json"),
-    "dense": ("recipe/configs/tiny_dense.py", "ds_configs/zero2_fp32.json"),
+DEFAULT_CONFIGS = {  # name: config, the three `make compare` trains
+    "moe": "recipe/configs/tiny_moe.py",
+    "finegrained": "recipe/configs/tiny_finegrained.py",
+    "dense": "recipe/configs/tiny_dense.py",
 }
+MOE_DS_CONFIG = "ds_configs/zero2_fp32_ep2.json"
+DENSE_DS_CONFIG = "ds_configs/zero2_fp32.json"
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str  # its run folder under --out and its key in compare.json
+    config: str
+    ds_config: str
+    is_moe: bool
+
+
+def contenders(configs: list[str], overrides: list[str], ds_config: Optional[str] = None) -> list[Contender]:
+    """One contender per config: the default three keep their names, others are named by their file name (made
+    unique); ``ds_config`` (else by kind: EP=2 for an MoE, none for a dense model). Raises ConfigError."""
+    from .config import load_config
+
+    names_of = {path: name for name, path in DEFAULT_CONFIGS.items()}
+    found: list[Contender] = []
+    for config in configs:
+        base = name = names_of.get(config) or Path(config).stem
+        for copy in range(2, len(found) + 2):  # the same file name twice: a-2, a-3, ...
+            if name not in {c.name for c in found}:
+                break
+            name = f"{base}-{copy}"
+        is_moe = load_config(config, overrides).is_moe
+        found.append(Contender(name, config, ds_config or (MOE_DS_CONFIG if is_moe else DENSE_DS_CONFIG), is_moe))
+    return found
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick), for one launch's master port."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def launch_command(contender: Contender, run_dir: Path, nproc: int, port: int, overrides: list[str]) -> list[str]:
+    """The launch/train.sh command that trains ``contender`` in ``run_dir`` with master port ``port``."""
+    extra = [item for override in overrides for item in ("--set", override)]
+    return ["bash", str(ROOT / "launch" / "train.sh"), "--nproc", str(nproc), "--config", contender.config,
+            "--ds_config", contender.ds_config, "--run_dir", str(run_dir), "--master_port", str(port),
+            "--python", sys.executable, "--", *extra]
 
 
 def read_curves(run_dir: Path) -> dict:
@@ -57,27 +105,52 @@ def plot(curves: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="recipe.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=None, help="folder for both runs (default runs/compare-<time>)")
+    parser.add_argument("--configs", nargs="+", metavar="CONFIG", default=list(DEFAULT_CONFIGS.values()),
+                        help="configs to train, one run each (default: tiny_moe.py, tiny_finegrained.py, "
+                             "tiny_dense.py, named moe, finegrained, dense)")
+    parser.add_argument("--ds_config", help=f"DeepSpeed JSON for every run (default: {MOE_DS_CONFIG} for an MoE, "
+                                            f"{DENSE_DS_CONFIG} for a dense config)")
+    parser.add_argument("--out", default=None, help="folder for the runs (default runs/compare-<time>)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="extra overrides given to every run")
-    parser.add_argument("--only", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS),
-                        help="train only these (default: all)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="train only these of the contenders (names: moe finegrained dense by default)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .config import ConfigError
+
+    args = parse_args(argv)
+    try:
+        runs = contenders(args.configs, args.set, args.ds_config)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.only or []) - {c.name for c in runs})
+    if unknown:
+        print(f"error: --only {' '.join(unknown)}: no such contender; choose from "
+              f"{' '.join(c.name for c in runs)}", file=sys.stderr)
+        return 2
+    runs = [c for c in runs if args.only is None or c.name in args.only]
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     curves = {}
-    for name in args.only:
-        config, ds_config = CONTENDERS[name]
-        extra = [item for s in args.set for item in ("--set", s)]
-        cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nproc", str(args.nproc), "--config", config,
-               "--ds_config", ds_config, "--run_dir", str(out / name), "--python", sys.executable, "--", *extra]
-        print(f"== training {name}: {' '.join(cmd)}", flush=True)
+    for contender in runs:
+        cmd = launch_command(contender, out / contender.name, args.nproc, free_port(), args.set)
+        print(f"== training {contender.name}: {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd, cwd=ROOT, env=dict(os.environ)).returncode != 0:
-            print(f"error: the {name} run failed; see its output above", file=sys.stderr)
+            print(f"error: the {contender.name} run failed; see its output above", file=sys.stderr)
             return 1
-        curves[name] = read_curves(out / name)
+        curves[contender.name] = read_curves(out / contender.name)
+    report(curves, out, dense=[c.name for c in runs if not c.is_moe])
+    return 0
+
+
+def report(curves: dict[str, dict], out: Path, dense: list[str]) -> None:
+    """compare.json, the PNG, the table, and each MoE's loss minus the first dense run's."""
     result = {name: {"val_loss": c["summary"]["val_loss"], "tokens_seen": c["summary"]["tokens_seen"],
                      "active_params": c["summary"]["active_params"], "total_params": c["summary"]["total_params"],
                      "tokens_per_s": c["summary"]["tokens_per_s"], "wall_s": c["summary"]["wall_s"]}
@@ -89,12 +162,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, r in result.items():
         print(f"| {name} | {r['val_loss']:.4f} | {r['tokens_seen']:,} | {r['active_params'] / 1e6:.2f}M | "
               f"{r['total_params'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | {r['wall_s']:.0f} |")
-    for name in [n for n in result if n != "dense" and "dense" in result]:
-        delta = result[name]["val_loss"] - result["dense"]["val_loss"]
-        print(f"{name} minus dense validation loss: {delta:+.4f} nats "
-              f"({name + ' better' if delta < 0 else 'dense better'})")
+    if dense:
+        for name in [n for n in result if n not in dense]:
+            delta = result[name]["val_loss"] - result[dense[0]]["val_loss"]
+            print(f"{name} minus {dense[0]} validation loss: {delta:+.4f} nats "
+                  f"({name + ' better' if delta < 0 else dense[0] + ' better'})")
     print(f"curves in {png}")
-    return 0
 
 
 if __name__ == "__main__":
