@@ -3,6 +3,8 @@
 Layout under ``<run_dir>/checkpoints/``::
 
     latest                                   tag of the newest complete checkpoint (replaced atomically)
+    zero_to_fp32.py, zero_to_torch.py        DeepSpeed's converters (they cannot read per-expert files),
+                                             replaced by ``commit`` with a script that names recipe.export
     step00000200/
         COMPLETE                             written by rank 0 once every file of every rank is in place:
                                              the tag, then one line per file: name and size in bytes
