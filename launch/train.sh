@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# ---- help: `launch/train.sh --help` prints the lines from here to "end of help", without the leading "# " ----
 # Launch moe-recipe training through the DeepSpeed launcher.
 #
 # Usage: launch/train.sh [options] [-- extra recipe.train args, e.g. --set model.num_experts=16 --resume]
@@ -22,6 +23,11 @@
 #   # two nodes without ssh (run one line on each node):
 #   launch/train.sh --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --nproc 8
 #   launch/train.sh --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 --nproc 8
+#
+# DeepSpeed's log lines (launcher and ranks) are hidden; MOE_RECIPE_DS_LOG=info shows them. A failed launch ends
+# with one line: failed before training started, or the newest complete checkpoint to continue from with
+# -- --resume, or that nothing was saved yet.
+# ---- end of help ----
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,7 +59,8 @@ while [ $# -gt 0 ]; do
     --master_port) need "$@"; MASTER_PORT=$2; shift 2 ;;
     --python) need "$@"; PY=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) awk '/^# ---- help:/ {on = 1; next} /^# ---- end of help/ {exit} on {sub(/^# ?/, ""); print}' "$0"
+               exit 0 ;;
     *) die "unknown option '$1' (see --help; pass recipe.train arguments after --)" ;;
   esac
 done
@@ -77,10 +84,10 @@ if [ -n "$NNODES" ]; then
   [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] || die "--node_rank must be in 0..$((NNODES - 1))"
   # No ssh: DeepSpeed's per-node launcher starts this node's ranks; world_info lists every node's slots.
   WORLD_INFO=$("$PY" -c 'import base64, json, sys; n, p = int(sys.argv[1]), int(sys.argv[2]); print(base64.urlsafe_b64encode(json.dumps({f"node{i}": list(range(p)) for i in range(n)}).encode()).decode())' "$NNODES" "$NPROC")
-  LAUNCH=(-m deepspeed.launcher.launch --world_info "$WORLD_INFO" --node_rank "$NODE_RANK"
+  LAUNCH=(launch --world_info "$WORLD_INFO" --node_rank "$NODE_RANK"
           --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 else
-  LAUNCH=(-m deepspeed.launcher.runner --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --num_gpus "$NPROC")
+  LAUNCH=(runner --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --num_gpus "$NPROC")
   [ -z "$HOSTFILE" ] || LAUNCH+=(--hostfile "$HOSTFILE")
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -90,27 +97,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Keep big blocks in the heap for reuse instead; set these variables yourself to override.
 export MALLOC_MMAP_MAX_=${MALLOC_MMAP_MAX_-0} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_-17179869184} \
        MALLOC_TOP_PAD_=${MALLOC_TOP_PAD_-268435456}
-set +e
-"$PY" "${LAUNCH[@]}" --module recipe.train "${ARGS[@]}" "${EXTRA[@]}"
-rc=$?
-set -e
-if [ "$rc" -eq 2 ]; then
-  echo "launch/train.sh: nothing was trained (exit 2): see the error above" >&2
-elif [ "$rc" -ne 0 ]; then
-  # The newest complete checkpoint of the run dir (--run_dir, else train.run_dir of the config and --set).
-  TAG=$("$PY" - "$CONFIG" "$RUN_DIR" "${EXTRA[@]}" 2>/dev/null <<'PY'
-import sys
-config, run_dir, *extra = sys.argv[1:]
-flags = dict(zip(extra, extra[1:]))
-run_dir = flags.get("--run_dir", run_dir)
-if not run_dir:
-    from recipe.config import load_config
-    run_dir = load_config(config, [v for k, v in zip(extra, extra[1:]) if k == "--set"]).train.run_dir
-from recipe.checkpoint import latest_tag
-print(latest_tag(run_dir) or "none (nothing saved yet)", end="")
-PY
-  ) || TAG="unknown"
-  echo "launch/train.sh: training failed (exit $rc); newest complete checkpoint: $TAG; if a rank died or was" \
-       "killed, run the same command with -- --resume to continue from it" >&2
-fi
-exit "$rc"
+# recipe.launcher runs DeepSpeed's runner (or per-node launch) quietly and ends a failed launch with one line of
+# advice read from the run folder; the exit code is the launcher's.
+exec "$PY" -m recipe.launcher "${LAUNCH[@]}" --module recipe.train "${ARGS[@]}" "${EXTRA[@]}"
