@@ -15,21 +15,28 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
-from .checkpoint import latest_tag
-from .config import ConfigError, parameter_counts
-from .generate import print_samples
-from .metrics import MetricsWriter
-from .training.build import Job, build_job
-from .training.checkpointing import save, start_or_resume
-from .training.distributed import Ranks, barrier, start_process_group, sum_over_ranks
-from .training.evaluate import evaluate
-from .training.exit_codes import ExitCode
-from .training.plan import RunPlan, plan_run
-from .training.step import optimizer_step
-from .training.telemetry import (Console, RoutingTally, TrainTally, non_finite_stop_error, perplexity, quiet_deepspeed,
-                                 skipped_step_warning, summary_table)
+# First, before anything imports deepspeed: importing it logs (the accelerator it detects) on every rank.
+from .training.telemetry import (Console, RoutingTally, TrainTally, interrupt_message, is_global_rank_zero,
+                                 non_finite_stop_error, perplexity, quiet_deepspeed, skipped_step_warning,
+                                 summary_table)
+
+quiet_deepspeed()
+
+from .checkpoint import latest_tag  # noqa: E402
+from .config import ConfigError, parameter_counts  # noqa: E402
+from .generate import print_samples  # noqa: E402
+from .metrics import MetricsWriter  # noqa: E402
+from .training.build import Job, build_job  # noqa: E402
+from .training.checkpointing import save, start_or_resume  # noqa: E402
+from .training.distributed import (Ranks, barrier, handle_interrupts, interrupted, start_process_group,  # noqa: E402
+                                   sum_over_ranks)
+from .training.evaluate import evaluate  # noqa: E402
+from .training.exit_codes import ExitCode  # noqa: E402
+from .training.plan import RunPlan, plan_run  # noqa: E402
+from .training.step import optimizer_step  # noqa: E402
 
 DEFAULT_CONFIG = "recipe/configs/tiny_finegrained.py"
 DEFAULT_DS_CONFIG = "ds_configs/zero2_fp32_ep2.json"
@@ -53,21 +60,48 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    handle_interrupts()
     try:
         plan = plan_run(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # Every rank checks the plan before the process group exists; one says why, all exit with the code.
+        if is_global_rank_zero():
+            print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    except KeyboardInterrupt:
+        return stop_on_interrupt(None, LoopPosition())
     return train(plan, samples=args.samples)
 
 
+@dataclass
+class LoopPosition:
+    """Where a rank is, for the line a Ctrl-C ends it with."""
+    step: int = 0  # the optimizer step under way (0: none started yet)
+    saving: bool = False  # inside save(): that checkpoint will not be committed
+    console: Optional[Console] = None
+
+
 def train(plan: RunPlan, samples: int = 0) -> int:
+    """Train ``plan`` to its last step; a Ctrl-C (with ``handle_interrupts``) stops every rank at once, unsaved."""
+    position = LoopPosition()
+    try:
+        return run_training(plan, samples, position)
+    except KeyboardInterrupt:
+        return stop_on_interrupt(plan, position)
+    except Exception:
+        if not interrupted():
+            raise
+        return stop_on_interrupt(plan, position)  # a collective broke because a peer stopped on the Ctrl-C
+
+
+def run_training(plan: RunPlan, samples: int, position: LoopPosition) -> int:
     config, steps = plan.config, plan.config.train.steps
     quiet_deepspeed()
     ranks = start_process_group(config.train.seed)
-    console = Console(ranks.is_main)
+    console = position.console = Console(ranks.is_main)
     job = build_job(plan, ranks)
-    start_step = start_or_resume(plan, job, ranks, console.log)
+    start_lines: list[str] = []  # resume / reshard lines, printed after the recipe line
+    start_step = start_or_resume(plan, job, ranks, start_lines.append)
     if start_step is None:
         return ExitCode.BAD_INPUT
     metrics = MetricsWriter(plan.run_dir, ranks.is_main, monitor=job.engine.monitor, wandb_mode=config.train.wandb,
@@ -75,10 +109,12 @@ def train(plan: RunPlan, samples: int = 0) -> int:
                             resume_step=start_step if config.train.resume else None)
     tally = TrainTally(plan.ds.global_batch_size(ranks.world_size) * config.data.seq_len, start_step,
                        RoutingTally.for_model(job.model))
+    for line in [banner(plan, ranks, tally.tokens_per_step, start_step), *start_lines]:
+        console.log(line)
     console.start_progress(total=steps, initial=start_step)
-    console.log(banner(plan, ranks, tally.tokens_per_step, start_step))
     bad_steps, save_due, val_loss = 0, False, float("nan")
     for step in range(start_step + 1, steps + 1):
+        position.step = step
         # ---- the optimizer step: grad_accum_steps micro-batches, each forward / backward / engine.step();
         # a non-finite loss or gradient on any rank skips it on every rank (recipe/training/step.py) ----
         outcome = optimizer_step(job, plan, ranks, step, record=tally.add_micro_batch)
@@ -90,9 +126,9 @@ def train(plan: RunPlan, samples: int = 0) -> int:
                 return stop_after_bad_steps(plan, ranks, console, metrics, step, bad_steps)
         console.advance()
         if step % config.train.log_every == 0 or step == steps:
-            record = tally.log_record(step, job.engine, job.scheduler, sum_over_ranks)
+            record = tally.log_record(step, job.engine, outcome.lr, sum_over_ranks)
             metrics.write(record)
-            console.show_step(record, steps)
+            console.show_step(record, steps, start_step)
         if step % config.train.eval_every == 0 or step == steps:
             record = evaluate(plan, job, ranks, step)
             metrics.write(record)
@@ -102,8 +138,9 @@ def train(plan: RunPlan, samples: int = 0) -> int:
         # a checkpoint never hides a streak that is about to stop training.
         save_due = save_due or step % config.train.save_every == 0
         if (save_due and bad_steps == 0) or step == steps:
+            position.saving = True
             save(plan, job, ranks, step)
-            save_due = False
+            position.saving = save_due = False
     console.close()
     summary = run_summary(plan, job, ranks, start_step, val_loss, tally)
     metrics.close()
@@ -111,10 +148,23 @@ def train(plan: RunPlan, samples: int = 0) -> int:
 
 
 def banner(plan: RunPlan, ranks: Ranks, tokens_per_step: int, start_step: int) -> str:
+    """The one line before the first step: model, layout, data."""
     config, ds, counts = plan.config, plan.ds, parameter_counts(plan.config)
-    return (f"training {config.model_type} ({counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M "
-            f"active) on {ranks.world_size} ranks, ep_size {ds.ep_size}, ZeRO-{ds.zero_stage} {ds.precision}, "
-            f"{tokens_per_step} tokens/step, steps {start_step + 1}..{config.train.steps}")
+    return (f"moe-recipe: {config.model_type} {counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M "
+            f"active) | {ranks.world_size} ranks, ep_size {ds.ep_size}, ZeRO-{ds.zero_stage} {ds.precision} | data "
+            f"{config.data.path}, {tokens_per_step:,} tokens/step, steps {start_step + 1}..{config.train.steps}")
+
+
+def stop_on_interrupt(plan: Optional[RunPlan], position: LoopPosition) -> int:
+    """Ctrl-C: no save and no further collective (peers may be gone, or stuck in one); rank 0 says which complete
+    checkpoint there is to --resume from. A save under way when the signal came is never committed."""
+    if position.console is not None:
+        position.console.close()
+    if is_global_rank_zero():
+        newest = latest_tag(plan.run_dir) if plan is not None else None
+        resumed = plan is not None and plan.config.train.resume
+        print(interrupt_message(position.step, newest, resumed, position.saving), file=sys.stderr, flush=True)
+    return ExitCode.INTERRUPTED
 
 
 def stop_after_bad_steps(plan: RunPlan, ranks: Ranks, console: Console, metrics: MetricsWriter, step: int,

@@ -1,17 +1,27 @@
-"""The trainer's process group: start-up, per-rank seed, and the few cross-rank sums and votes it needs.
+"""The trainer's process group: start-up, per-rank seed, the few cross-rank sums and votes it needs, and how a
+rank stops on Ctrl-C.
 
 Communication of the model itself lives in ``recipe/model/moe/dispatch.py`` and in DeepSpeed's engine.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import re
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+
+from .telemetry import deepspeed_log_level
 
 
 @dataclass(frozen=True)
@@ -26,11 +36,28 @@ class Ranks:
 
 def start_process_group(seed: int) -> Ranks:
     """Join the process group the launcher set up (env://), free DeepSpeed's shm names, seed this rank."""
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    with _unless_told(r"DeepSpeed .* built successfully"):  # a print of every rank, whatever the log level
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     ranks = Ranks(rank=dist.get_rank(), world_size=dist.get_world_size())
     release_shm_workspace(ranks.rank)
     torch.manual_seed(seed * 1000 + ranks.rank)  # per-rank stream for routing noise, if enabled
     return ranks
+
+
+@contextlib.contextmanager
+def _unless_told(pattern: str) -> Iterator[None]:
+    """Drop the lines matching ``pattern`` that Python code prints to stdout inside (MOE_RECIPE_DS_LOG=info or
+    debug keeps them); every other line is printed after the block, also when it raises."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        keep_all = deepspeed_log_level() <= logging.INFO
+        lines = [line for line in captured.getvalue().splitlines(keepends=True)
+                 if keep_all or not re.fullmatch(pattern, line.rstrip("\n"))]
+        sys.stdout.write("".join(lines))
+        sys.stdout.flush()
 
 
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
@@ -61,3 +88,36 @@ def release_shm_workspace(rank: int) -> None:
            f"{os.environ.get('MASTER_PORT', '')}_{rank}"
     dist.barrier()
     Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+# ---- Ctrl-C. The terminal sends SIGINT to the whole foreground process group: the launcher and every rank get it
+# at once. Each rank turns it into KeyboardInterrupt (``recipe/train.py`` stops there without another collective);
+# the deepspeed launcher, on its own SIGINT, sends its ranks SIGTERM, which would kill them before they could say
+# so, and is ignored once SIGINT has arrived. A SIGTERM on its own still ends the rank as before.
+_interrupted = False
+
+
+def handle_interrupts() -> None:
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return  # started with SIGINT ignored (or handled by an embedding program): leave both signals alone
+    signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def interrupted() -> bool:
+    """SIGINT has arrived: whatever fails from now on (a collective whose peer stopped) is part of stopping."""
+    return _interrupted
+
+
+def _on_sigint(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the stop that is under way
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _interrupted:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)

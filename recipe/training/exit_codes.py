@@ -10,3 +10,6 @@ class ExitCode(IntEnum):
     # ``train.max_bad_steps`` optimizer steps in a row had a non-finite loss or gradients and were skipped;
     # the newest complete checkpoint is untouched.
     NON_FINITE_STEPS = 3
+    # Ctrl-C (SIGINT to the launch's process group; 128 + SIGINT, as a shell reports it): every rank stopped
+    # without saving; rank 0 named the newest complete checkpoint to --resume from.
+    INTERRUPTED = 130

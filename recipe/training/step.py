@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 class StepOutcome:
     skipped: bool  # nothing was applied: weights, Adam moments and LR are as before
     non_finite_loss: bool  # why: a loss (True) or only the gradients (False) were non-finite
+    lr: float  # the rate the optimizer's groups held when the step's update was applied (or skipped)
 
 
 def add_own_grad_check(optimizer) -> bool:
@@ -62,7 +63,10 @@ def optimizer_step(job: Job, plan: RunPlan, ranks: Ranks, step: int,
             non_finite_loss = True
             loss = loss * float("nan")
         engine.backward(loss)
-        if job.own_grad_check and micro == grad_accum_steps - 1 and not grads_finite(engine, ranks):
+        boundary = micro == grad_accum_steps - 1
+        if boundary:  # the boundary engine.step() updates at this rate, then its LR scheduler sets the next one
+            lr = float(engine.get_lr()[0])
+        if job.own_grad_check and boundary and not grads_finite(engine, ranks):
             with optimizer_step_skipped(engine.optimizer):
                 engine.step()
         else:
@@ -78,7 +82,7 @@ def optimizer_step(job: Job, plan: RunPlan, ranks: Ranks, step: int,
         job.bias_balancer.step_done(applied == ranks.world_size and not non_finite_loss, sum_over_ranks)
     # fp16: the loss scaler skips its own overflow steps (and lowers the scale); only a non-finite loss counts.
     skipped = non_finite_loss or (applied == 0 and plan.ds.precision != "fp16")
-    return StepOutcome(skipped=skipped, non_finite_loss=non_finite_loss)
+    return StepOutcome(skipped=skipped, non_finite_loss=non_finite_loss, lr=lr)
 
 
 def grads_finite(engine, ranks: Ranks) -> bool:

@@ -1,5 +1,8 @@
 """What the trainer reports: console lines or a progress bar on rank 0, loss and routing tallies summed over
-micro-batches and ranks, the records of ``metrics.jsonl`` and the end-of-run summary."""
+micro-batches and ranks, the records of ``metrics.jsonl`` and the end-of-run summary.
+
+Imports no deepspeed: ``recipe/train.py`` imports this module first and quiets DeepSpeed's logger before
+deepspeed is imported, since the import itself logs (the accelerator it detects)."""
 from __future__ import annotations
 
 import logging
@@ -8,22 +11,54 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
-from deepspeed.utils import logger as ds_logger
 from tqdm import tqdm
 
-from ..model.transformer import LMOutput, TransformerLM
+if TYPE_CHECKING:
+    from ..model.transformer import LMOutput, TransformerLM
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # a sum over ranks
 
+DS_LOG_ENV = "MOE_RECIPE_DS_LOG"  # the level of DeepSpeed's own log lines in the ranks (default: errors only)
+DEFAULT_DS_LOG_LEVEL = logging.ERROR
+
+
+def deepspeed_log_level(environ=os.environ) -> int:
+    """The level ``MOE_RECIPE_DS_LOG`` names (debug, info, warning, error); errors only when unset or unknown
+    (launch/train.sh refuses an unknown name before any rank starts)."""
+    level = getattr(logging, environ.get(DS_LOG_ENV, "").strip().upper() or "_", None)
+    return level if isinstance(level, int) else DEFAULT_DS_LOG_LEVEL
+
+
+class _BelowLevel(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
 
 def quiet_deepspeed() -> None:
-    """Keep the console to our progress lines: DeepSpeed's INFO chatter (MOE_RECIPE_DS_LOG=info brings it back)
-    and a deprecation warning DeepSpeed triggers inside torch on every ZeRO step."""
-    ds_logger.setLevel(getattr(logging, os.environ.get("MOE_RECIPE_DS_LOG", "warning").upper(), logging.WARNING))
+    """Keep the console to the recipe's lines: DeepSpeed's log records below ``MOE_RECIPE_DS_LOG`` are dropped
+    (by default its warnings too: "Setting accelerator to CPU", "Attempting to get learning rate from scheduler
+    before it has started", which every rank would print) and so is a deprecation warning DeepSpeed triggers
+    inside torch on every ZeRO step. Called before deepspeed is imported (a logger filter outlives the level
+    reset of the import) and again after, when the logger's handler exists: ``info`` / ``debug`` lower it."""
+    level, ds_logger = deepspeed_log_level(), logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _BelowLevel) for f in ds_logger.filters):
+        ds_logger.addFilter(_BelowLevel(level))
+    if level < logging.WARNING:  # DeepSpeed's handler stops below WARNING by itself
+        for target in (ds_logger, *ds_logger.handlers):
+            target.setLevel(level)
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+
+def is_global_rank_zero(environ=os.environ) -> bool:
+    """Rank 0 of the launch, also before the process group exists (the launcher sets RANK; unset: one process)."""
+    return environ.get("RANK", "0").strip() in ("", "0")
 
 
 class Console:
@@ -49,16 +84,60 @@ class Console:
         if self.progress is not None:
             self.progress.update(1)
 
-    def show_step(self, record: dict, total_steps: int) -> None:
+    def show_step(self, record: dict, total_steps: int, start_step: int) -> None:
+        """The bar's figures (tqdm shows step/total and its own ETA), or a plain line with the same and an ETA."""
         if self.progress is not None:
-            self.progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            self.progress.set_postfix_str(progress_figures(record, with_lm_and_lr=False), refresh=True)
         else:
-            self.log(f"step {record['step']}/{total_steps} loss {record['loss']:.4f} lm {record['lm_loss']:.4f} "
-                     f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s")
+            self.log(progress_line(record, total_steps, start_step))
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+            self.progress = None
+
+
+def moe_health(record: dict) -> Optional[tuple[float, float]]:
+    """(the worst layer's drop fraction, the largest max/mean expert load of any layer); None for a dense model."""
+    layers = record.get("moe") or []
+    if not layers:
+        return None
+    return max(layer["drop_fraction"] for layer in layers), max(layer["max_over_mean_load"] for layer in layers)
+
+
+def eta_seconds(step: int, total_steps: int, start_step: int, elapsed_s: float) -> Optional[float]:
+    """Remaining steps x the seconds per step observed since this launch started; None before a step is done."""
+    done = step - start_step
+    return None if done <= 0 else (total_steps - step) * elapsed_s / done
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    whole = int(round(seconds))
+    hours, minutes, secs = whole // 3600, whole // 60 % 60, whole % 60
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_figures(record: dict, with_lm_and_lr: bool = True) -> str:
+    """Loss, throughput and, for an MoE, the routing health of one log record: ``loss 5.1234 | 2,190 tok/s | drop
+    3.1% load 1.84x`` (``lm`` and ``lr`` after the loss in the plain line)."""
+    loss = f"loss {record['loss']:.4f}"
+    if with_lm_and_lr:
+        loss += f" (lm {record['lm_loss']:.4f}) | lr {record['lr']:.2e}"
+    parts = [loss, f"{record['tokens_per_s']:,.0f} tok/s"]
+    health = moe_health(record)
+    if health is not None:
+        parts.append(f"drop {health[0]:.1%} load {health[1]:.2f}x")
+    return " | ".join(parts)
+
+
+def progress_line(record: dict, total_steps: int, start_step: int) -> str:
+    """The plain progress line of one log record (no terminal): step/total, the figures, and the ETA."""
+    eta = eta_seconds(record["step"], total_steps, start_step, record["elapsed_s"])
+    return f"step {record['step']}/{total_steps} | {progress_figures(record)} | eta {format_duration(eta)}"
 
 
 class LossTally:
@@ -143,13 +222,14 @@ class TrainTally:
         if self.routing is not None:
             self.routing.add(out.routing, out.moe_layer_losses)
 
-    def log_record(self, step: int, engine, scheduler, reduce: Reduce) -> dict:
-        """The ``metrics.jsonl`` record of ``step`` (every rank must call it: it reduces over ranks)."""
+    def log_record(self, step: int, engine, lr: float, reduce: Reduce) -> dict:
+        """The ``metrics.jsonl`` record of ``step``, ``lr`` the rate that step ran at (every rank must call it: it
+        reduces over ranks)."""
         losses = self.losses.means_and_reset(reduce)
         now = time.time()
         grad_norm = engine.get_global_grad_norm()
         record = {
-            "step": step, **losses, "lr": scheduler.get_last_lr()[0] if scheduler else engine.get_lr()[0],
+            "step": step, **losses, "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": self.tokens_per_step * (step - self.last_log_step) / max(now - self.last_log_time, 1e-9),
             "elapsed_s": now - self.started, "skipped_steps": engine.skipped_steps,
@@ -173,15 +253,30 @@ def non_finite_stop_error(step: int, bad_steps: int, newest_checkpoint: Optional
             f"{step}, all skipped); stopped without saving; {kept}")
 
 
+def interrupt_message(step: int, newest_checkpoint: Optional[str], resumed: bool, saving: bool) -> str:
+    """Rank 0's line after a Ctrl-C: where it stopped, and the complete checkpoint to continue from, if any."""
+    where = f"while saving step {step}" if saving else f"during step {step}" if step else "before the first step"
+    cut = "; that save is incomplete and never counts as a checkpoint" if saving else ""
+    if newest_checkpoint:
+        how = ("run the same command again (it has --resume)" if resumed else
+               "run the same command with -- --resume added (launch/train.sh; --resume for python -m recipe.train)")
+        kept = f"newest complete checkpoint: {newest_checkpoint}; to continue from it, {how}"
+    else:
+        kept = "no checkpoint was saved yet: run the same command again to start over"
+    return f"interrupted (Ctrl-C) {where}: stopped without saving{cut}; {kept}"
+
+
 def summary_table(summary: dict) -> str:
     rows = [
         ("val loss", f"{summary['val_loss']:.4f}"), ("perplexity", f"{summary['val_ppl']:.1f}"),
         ("tokens seen", f"{summary['tokens_seen']:,}"), ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
         ("params (total)", f"{summary['total_params'] / 1e6:.2f}M"),
-        ("params (active/token)", f"{summary['active_params'] / 1e6:.2f}M"), ("wall time", f"{summary['wall_s']:.0f} s"),
+        ("params (active/token)", f"{summary['active_params'] / 1e6:.2f}M"),
+        ("wall time", f"{summary['wall_s']:.0f} s"),
     ]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(["-" * (width + 16)] + [f"{name:<{width}}  {value:>12}" for name, value in rows] + ["-" * (width + 16)])
+    rule = "-" * (width + 16)
+    return "\n".join([rule] + [f"{name:<{width}}  {value:>12}" for name, value in rows] + [rule])
 
 
 def perplexity(loss: float) -> float:
