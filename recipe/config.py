@@ -42,6 +42,10 @@ QKNorm = Literal["none", "head", "full"]  # RMSNorm on q and k: off, per head (Q
 # The transformers class a model was imported from (recipe/hf_format.py); export writes the same one back.
 HFArchitecture = Literal[None, "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 WandbMode = Literal["offline", "online", "disabled"]  # "offline" needs no account or network
+# --resume when the ds_config's resolved LR schedule differs from the run's saved one (a new train.steps fills
+# "auto" lengths anew): "refuse" (the default), "stretch" (adopt the new lengths: the rate jumps at the resumed
+# step) or "keep" (continue the saved schedule; DeepSpeed's warm-up schedules hold their final rate past its end).
+LRScheduleOnResume = Literal["refuse", "stretch", "keep"]
 
 
 class ConfigError(ValueError):
@@ -165,6 +169,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before stopping
     wandb: WandbMode = "offline"
     wandb_project: str = "moe-recipe"
+    lr_schedule_on_resume: LRScheduleOnResume = "refuse"
 
 
 @dataclass

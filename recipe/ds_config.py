@@ -7,6 +7,10 @@ A ds_config is DeepSpeed's own JSON plus one recipe block, removed before DeepSp
 Batch sizes live only here: ``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps``;
 the global batch follows from the world size (``train_batch_size``, if given, must agree).
 ``"auto"`` in the scheduler's ``total_num_steps`` / ``warmup_num_steps`` is filled from ``train.steps``.
+DeepSpeed's monitor blocks: ``tensorboard`` and ``csv_monitor`` without an ``output_path`` (or ``"auto"``) write into
+the run folder (``<run_dir>/tensorboard``, ``<run_dir>/csv_monitor``), not the current directory; an enabled block
+whose package is not installed is refused with the install command; an enabled ``wandb`` block is refused in favour
+of ``train.wandb`` (the recipe's own wandb run).
 Combinations DeepSpeed would assert on later (or silently mistrain with) are rejected here, up front, and so are
 keys DeepSpeed's own config parser never reads (typos it would ignore), blocks its pydantic models refuse, and
 optimizer or scheduler types it cannot build; a JSON whose top level is not an object is refused when read.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import json
 from collections.abc import KeysView
 from dataclasses import dataclass
@@ -26,6 +31,10 @@ from .config import ConfigError, RecipeConfig
 RECIPE_BLOCK = "moe_recipe"
 RECIPE_KEYS = {"ep_size"}
 Precision = Literal["fp32", "bf16", "fp16"]
+# DeepSpeed's monitor blocks that need a package beside DeepSpeed: (module, what to pip install). tensorboard is
+# in requirements.txt; comet_ml is not (it needs a Comet account), so its block is refused until it is installed.
+MONITOR_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard==2.21.0"), "comet": ("comet_ml", "comet_ml==3.58.8")}
+MONITORS_WITH_OUTPUT = ("tensorboard", "csv_monitor")  # blocks with output_path / job_name
 
 
 @dataclass
@@ -71,6 +80,7 @@ def resolve_ds_config(raw: dict, config: RecipeConfig, world_size: int, path: st
     stage = _zero_stage(ds, config, path)
     _check_ep_size(ep_size, config, world_size, path)
     _fill_auto_schedule(ds, config.train.steps)
+    _check_monitors(ds, config.train.run_dir, path)
     if "optimizer" not in ds:
         raise ConfigError(f"{path}: declare the optimizer in the ds_config (e.g. AdamW); the recipe builds none itself")
     _check_types(ds, path)
@@ -156,6 +166,29 @@ def _fill_auto_schedule(ds: dict, train_steps: int) -> None:
         scheduler["total_num_steps"] = train_steps
     if scheduler.get("warmup_num_steps") == "auto":
         scheduler["warmup_num_steps"] = max(1, train_steps // 20)
+
+
+def _monitor_enabled(ds: dict, block: str) -> bool:
+    return isinstance(ds.get(block), dict) and ds[block].get("enabled") is True
+
+
+def _check_monitors(ds: dict, run_dir: str, path: str) -> None:
+    """Enabled monitor blocks: refused when they cannot work (DeepSpeed would fail on rank 0 after launch), and
+    given the run folder as output when they name none (DeepSpeed's default is the current directory)."""
+    if _monitor_enabled(ds, "wandb"):
+        # DeepSpeed's WandbMonitor calls wandb.init itself (online, no mode): without a login it fails on rank 0,
+        # with one it starts a second run beside the recipe's, logged by sample count instead of step.
+        raise ConfigError(f"{path}: the `wandb` monitor block is enabled, but the recipe logs every scalar to wandb "
+                          f"itself; remove the block (or set its enabled false) and use --set train.wandb=online "
+                          f"(or offline) and train.wandb_project=NAME")
+    for block, (module, requirement) in MONITOR_PACKAGES.items():
+        if _monitor_enabled(ds, block) and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{path}: the `{block}` monitor block is enabled but its package {module} is not "
+                              f"installed; run `pip install {requirement}` or set {block}.enabled to false")
+    for block in MONITORS_WITH_OUTPUT:
+        if _monitor_enabled(ds, block) and ds[block].get("output_path", "") in ("", "auto"):
+            ds[block]["output_path"] = str(run_dir)
+            ds[block].setdefault("job_name", block)  # <run_dir>/tensorboard, <run_dir>/csv_monitor
 
 
 class _ReadTracking(dict):

@@ -1,6 +1,10 @@
 """Where a run's numbers go: metrics.jsonl, wandb (offline unless asked), DeepSpeed's monitor, heatmaps.
 
 Only rank 0 writes. Values arrive already reduced over ranks (the trainer does the reductions).
+DeepSpeed's monitor (the ds_config's ``tensorboard`` / ``csv_monitor`` / ``comet`` blocks) gets every scalar of
+``flatten`` as ``moe_recipe/<name>`` at the optimizer step; without an ``output_path`` its files are in
+``<run_dir>/tensorboard`` and ``<run_dir>/csv_monitor`` (recipe/ds_config.py fills it in). On --resume the csv files
+keep the rows of steps after the checkpoint (metrics.jsonl drops them; tensorboard purges such orphaned events).
 """
 from __future__ import annotations
 

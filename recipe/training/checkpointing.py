@@ -6,6 +6,7 @@ moving optimizer state between layouts is ``recipe/reshard.py``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from ..model.moe.dispatch import expert_data_parallel_rank
 from ..model.transformer import TransformerLM
 from ..reshard import ReshardError, load_optimizer_state, read_optimizer_state
 from .distributed import Ranks, barrier, ranks_where
-from .plan import RunPlan
+from .plan import RunPlan, schedule_change
 
 if TYPE_CHECKING:
     from .build import Job
@@ -58,6 +59,8 @@ def start_or_resume(plan: RunPlan, job: Job, ranks: Ranks, log: Log) -> Optional
         start_step = 0
         if ranks.is_main:
             _write_run_config(plan)
+    if start_step is not None and plan.saved_lr_schedule is not None:
+        _report_schedule_change(plan, job, start_step, ranks, log)
     if start_step is not None and ranks.is_main:  # a failed load writes nothing
         tokenizer = job.val_data.tokenizer_path  # tokenizer.model or tokenizer.json, as the shards' meta says
         if tokenizer.is_file():
@@ -98,8 +101,60 @@ def resume(plan: RunPlan, job: Job, ranks: Ranks, log: Log) -> Optional[int]:
                   f"damaged: move that folder out of {root} (or delete it) to --resume from the newest older "
                   f"complete checkpoint; nothing was written", file=sys.stderr, flush=True)
         return None
+    put_schedule_rate(job.scheduler)
     log(f"resumed from {tag} (step {own.step})")
     return own.step
+
+
+def put_schedule_rate(scheduler) -> None:
+    """Put the rate of the restored schedule at its restored position into the optimizer's groups, so that the
+    first resumed step runs at it on both resume paths: a same-layout load brings the rate the optimizer saved
+    (the old schedule's, should its lengths have changed), a resharded one the initial rate."""
+    if scheduler is None:
+        return
+    if hasattr(scheduler, "last_batch_iteration"):  # DeepSpeed's lr_schedules: their state is the position only
+        scheduler.step(scheduler.last_batch_iteration)
+    else:  # torch.optim.lr_scheduler: its state holds its lengths and the rates it last set
+        for group, rate in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = rate
+
+
+def _scheduled_rate(block: dict, base_lr: float, position: int) -> float:
+    """The rate DeepSpeed's scheduler ``block`` sets at ``position`` for an optimizer of rate ``base_lr``."""
+    from deepspeed.runtime import lr_schedules
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    scheduler = getattr(lr_schedules, block["type"])(probe, **block.get("params", {}))
+    scheduler.step(position)
+    return probe.param_groups[0]["lr"]
+
+
+def _report_schedule_change(plan: RunPlan, job: Job, start_step: int, ranks: Ranks, log: Log) -> None:
+    """train.lr_schedule_on_resume "keep" / "stretch" took effect: say so; "stretch" also records the new
+    schedule in config.json, which the next --resume compares against."""
+    saved, now = plan.saved_lr_schedule, plan.ds.deepspeed.get("scheduler", {})
+    if plan.config.train.lr_schedule_on_resume == "keep":
+        log(f"train.lr_schedule_on_resume='keep': continuing the saved LR schedule ({saved.get('type', 'none')} "
+            f"{json.dumps(saved.get('params', {}))}), not this launch's")
+        return
+    base_lr = plan.ds.deepspeed["optimizer"].get("params", {}).get("lr", 1e-3)  # torch's Adam/AdamW default
+    position = job.scheduler.last_batch_iteration
+    before, after = _scheduled_rate(saved, base_lr, position), _scheduled_rate(now, base_lr, position)
+    log(f"train.lr_schedule_on_resume='stretch': LR schedule {schedule_change(saved, now)}; the rate jumps from "
+        f"{before:.3g} to {after:.3g} at step {start_step + 1}")
+    if ranks.is_main:
+        _record_schedule(plan)
+
+
+def _record_schedule(plan: RunPlan) -> None:
+    """config.json now names the schedule the run follows (and the train.steps that resolved it)."""
+    path = plan.run_dir / "config.json"
+    run = json.loads(path.read_text())
+    run["ds_config"]["scheduler"] = plan.ds.deepspeed["scheduler"]
+    run["config"]["train"]["steps"] = plan.config.train.steps
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(run, indent=2))
+    os.replace(partial, path)  # never half a config.json
 
 
 def resume_resharded(plan: RunPlan, job: Job, log: Log) -> int:
@@ -108,9 +163,7 @@ def resume_resharded(plan: RunPlan, job: Job, log: Log) -> int:
     tag, source = plan.resume_tag, job.reshard_source
     if job.scheduler is not None:
         job.scheduler.load_state_dict(source.client_state["lr_scheduler"])
-        # Put the schedule's current rate into the new optimizer's groups now, as loading the optimizer's
-        # own state does on a same-layout resume; otherwise the first step runs at the initial rate.
-        job.scheduler.step(job.scheduler.last_batch_iteration)
+        put_schedule_rate(job.scheduler)  # else the first step runs at the initial rate
     own = load_recipe_state(plan.run_dir, tag, 0)  # the data position is global; RNG is per layout
     job.loader.load_state_dict(own.loader)
     start_step = job.engine.global_steps = own.step

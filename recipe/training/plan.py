@@ -30,6 +30,9 @@ class RunPlan:
     # The checkpoint was saved at another rank count, ep_size, ZeRO stage or precision: weights, optimizer
     # state, data position and LR schedule are moved into this launch's layout (recipe/reshard.py).
     reshard: bool = False
+    # --resume with another LR schedule than config.json's and train.lr_schedule_on_resume "stretch" or "keep":
+    # the saved scheduler block ({} for none); with "keep" it is also the one in ds.deepspeed.
+    saved_lr_schedule: Optional[dict] = None
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
@@ -54,8 +57,10 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     if problem:
         raise ConfigError(problem)
     _check_same_tokens_and_model(run_dir, config, train_data)
+    saved_schedule = _check_lr_schedule(run_dir, config, ds)
     reshard = _needs_reshard(run_dir, tag, ds, world_size, args.reshard)
-    return RunPlan(config=config, ds=ds, run_dir=run_dir, world_size=world_size, resume_tag=tag, reshard=reshard)
+    return RunPlan(config=config, ds=ds, run_dir=run_dir, world_size=world_size, resume_tag=tag, reshard=reshard,
+                   saved_lr_schedule=saved_schedule)
 
 
 def _command_line_overrides(args: argparse.Namespace) -> list[str]:
@@ -184,3 +189,50 @@ def _needs_reshard(run_dir: Path, tag: str, ds: DSConfig, world_size: int, resha
             f"set train_micro_batch_size_per_gpu to {saved_batch} / number of ranks"
         )
     return not same_layout
+
+
+def schedule_change(saved: dict, now: dict) -> str:
+    """``"WarmupCosineLR total_num_steps 6 -> 9"``: what differs between two scheduler blocks ({} for none)."""
+    if saved.get("type") != now.get("type"):
+        return f"scheduler {saved.get('type', 'none')} -> {now.get('type', 'none')}"
+    before, after = saved.get("params", {}), now.get("params", {})
+    changed = [f"{key} {before.get(key)} -> {after.get(key)}" for key in sorted(set(before) | set(after))
+               if before.get(key) != after.get(key)]
+    return f"{now['type']} {', '.join(changed)}"
+
+
+def _check_lr_schedule(run_dir: Path, config: RecipeConfig, ds: DSConfig) -> Optional[dict]:
+    """--resume: the resolved scheduler must be the one config.json saved (a new train.steps re-fills "auto"
+    lengths, which would silently re-stretch the schedule), unless train.lr_schedule_on_resume says otherwise.
+    Returns the saved block when it differs and the option allows it ("keep" puts it into ``ds``)."""
+    saved_run = json.loads((run_dir / "config.json").read_text())
+    if "ds_config" not in saved_run:  # written before the ds_config was recorded: nothing to compare
+        return None
+    saved, now = saved_run["ds_config"].get("scheduler", {}), ds.deepspeed.get("scheduler", {})
+    if saved == now:
+        return None
+    option, change = config.train.lr_schedule_on_resume, schedule_change(saved, now)
+    if option == "refuse":
+        saved_steps = saved_run["config"]["train"]["steps"]
+        old = (f"resume with train.steps={saved_steps} as before" if saved_steps != config.train.steps
+               else "resume with the ds_config's old scheduler")
+        raise ConfigError(f"--resume into {run_dir}: the LR schedule differs from the one it was trained with "
+                          f"({change}); {old}, or set train.lr_schedule_on_resume='stretch' (adopt the new one: the "
+                          f"rate jumps at the resumed step) or 'keep' (continue the saved one, at its final rate "
+                          f"past its end)")
+    if option == "keep":
+        if saved:
+            ds.deepspeed["scheduler"] = saved
+        else:
+            ds.deepspeed.pop("scheduler", None)
+    elif not (_deepspeed_schedule(saved) and _deepspeed_schedule(now)):
+        # torch.optim.lr_scheduler classes restore their lengths from the checkpoint: a new one would not apply.
+        raise ConfigError(f"train.lr_schedule_on_resume='stretch' ({change}) needs a scheduler of DeepSpeed's "
+                          f"lr_schedules before and after; use 'keep', or resume with the old scheduler")
+    return saved
+
+
+def _deepspeed_schedule(block: dict) -> bool:
+    from deepspeed.runtime import lr_schedules
+
+    return bool(block) and hasattr(lr_schedules, str(block.get("type")))
