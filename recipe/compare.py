@@ -53,9 +53,17 @@ def contenders(configs: list[str], overrides: list[str], ds_config: Optional[str
             if name not in {c.name for c in found}:
                 break
             name = f"{base}-{copy}"
-        is_moe = load_config(config, overrides).is_moe
-        found.append(Contender(name, config, ds_config or (MOE_DS_CONFIG if is_moe else DENSE_DS_CONFIG), is_moe))
+        config = _from_here(config)
+        is_moe = load_config(config if Path(config).is_absolute() else ROOT / config, overrides).is_moe
+        chosen = _from_here(ds_config) if ds_config else MOE_DS_CONFIG if is_moe else DENSE_DS_CONFIG
+        found.append(Contender(name, config, chosen, is_moe))
     return found
+
+
+def _from_here(path: str) -> str:
+    """``path`` made absolute when it exists from the current folder: launch/train.sh runs from the repository
+    root, where the default configs' relative paths hold but not necessarily the user's."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def free_port() -> int:
