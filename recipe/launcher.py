@@ -65,20 +65,24 @@ def skip_accelerator_detection(environ: dict) -> None:
 
 @dataclass(frozen=True)
 class RunState:
-    """What a run folder shows of training: metrics.jsonl's (size, mtime, inode) and the newest complete tag."""
+    """What a run folder shows of training: metrics.jsonl's (size, mtime, inode), the newest complete tag, and
+    without one the checkpoint folders of saves that never completed (a fresh start refuses those)."""
     metrics: Optional[tuple[int, int, int]]
     newest_tag: Optional[str]
+    interrupted_saves: tuple[str, ...] = ()
 
 
 def run_state(run_dir: Path) -> RunState:
-    from recipe.checkpoint import latest_tag
+    from recipe.checkpoint import checkpoint_root, latest_tag
 
     try:
         stat = (run_dir / "metrics.jsonl").stat()
         metrics = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
     except OSError:
         metrics = None
-    return RunState(metrics=metrics, newest_tag=latest_tag(run_dir))
+    newest = latest_tag(run_dir)
+    partial = () if newest else tuple(sorted(p.name for p in checkpoint_root(run_dir).glob("step*") if p.is_dir()))
+    return RunState(metrics=metrics, newest_tag=newest, interrupted_saves=partial)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,12 @@ def failure_advice(exit_code: int, before: Optional[RunState], after: Optional[R
         return f"{PREFIX} training failed (exit {exit_code}): see the error above"
     if after == before:
         return f"{PREFIX} failed before training started (exit {exit_code}): see the error above"
+    if after.newest_tag is None and after.interrupted_saves:
+        from recipe.checkpoint import checkpoint_root
+
+        return (f"{PREFIX} training failed (exit {exit_code}) during its first checkpoint save: nothing complete "
+                f"was saved; delete {checkpoint_root(run_dir)} (interrupted: {', '.join(after.interrupted_saves)}) "
+                "and run the same command again to start over")
     if after.newest_tag is None:
         return (f"{PREFIX} training failed (exit {exit_code}) before its first checkpoint: nothing was saved in "
                 f"{run_dir}; run the same command again to start over")

@@ -72,7 +72,7 @@ def _commit_checkpoint(run_dir: Path, tag: str) -> None:
 def test_failure_advice_tells_apart_before_training_no_checkpoint_and_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     never = run_state(run_dir)
-    assert never == RunState(metrics=None, newest_tag=None)
+    assert never == RunState(metrics=None, newest_tag=None, interrupted_saves=())
     before_start = failure_advice(1, never, run_state(run_dir), resumed=False, run_dir=run_dir)
     assert before_start == "launch/train.sh: failed before training started (exit 1): see the error above"
 
@@ -83,6 +83,13 @@ def test_failure_advice_tells_apart_before_training_no_checkpoint_and_a_checkpoi
     assert "training failed (exit 247) before its first checkpoint: nothing was saved" in nothing_saved
     assert "run the same command again" in nothing_saved and "--resume" not in nothing_saved
 
+    (run_dir / "checkpoints" / "step00000002").mkdir(parents=True)  # killed while saving: no COMPLETE yet
+    partial = failure_advice(247, never, run_state(run_dir), resumed=False, run_dir=run_dir)
+    assert partial == (f"launch/train.sh: training failed (exit 247) during its first checkpoint save: nothing "
+                       f"complete was saved; delete {run_dir / 'checkpoints'} (interrupted: step00000002) and run "
+                       "the same command again to start over")
+
+    (run_dir / "checkpoints" / "step00000002").rmdir()
     _commit_checkpoint(run_dir, "step00000002")
     saved = run_state(run_dir)
     assert saved.newest_tag == "step00000002"
