@@ -173,7 +173,8 @@ def test_kill_at_random_moments_never_loses_a_checkpoint(tiny_data, tmp_path):
     last = int(latest_tag(run_dir).removeprefix("step"))
     log = tmp_path / "final.log"
     proc = ctx.Process(target=_train, args=(config, ds, run_dir, True, _free_port(), str(log),
-                                            ("--set", f"train.steps={last + 2}")))
+                                            ("--set", f"train.steps={last + 2}", "--set",
+                                             "train.lr_schedule_on_resume=keep")))
     proc.start()
     proc.join(SAFETY_S)
     if proc.is_alive():

@@ -133,7 +133,8 @@ def test_consecutive_bad_steps_stop_with_exit_code_3_and_the_checkpoint_untouche
     and 5 are skipped, training stops after max_bad_steps=3 with exit code 3 on both ranks and one message,
     and the checkpoint folder is exactly as it was (the save due at step 4 was not written)."""
     first = write_config(tmp_path / "first.py", tiny_data, train=dict(steps=2, save_every=2))
-    longer = write_config(tmp_path / "longer.py", tiny_data, train=dict(steps=10, save_every=2, max_bad_steps=3))
+    longer = write_config(tmp_path / "longer.py", tiny_data, train=dict(steps=10, save_every=2, max_bad_steps=3,
+                                                                      lr_schedule_on_resume="keep"))
     ds = write_ds_config(tmp_path / "ds.json", base="zero2_fp32_ep2.json")
     run_dir, codes, _ = _run(tmp_path, "run", first, ds)
     assert codes == [0, 0] and latest_tag(run_dir) == "step00000002"

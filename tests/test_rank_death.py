@@ -93,7 +93,8 @@ def test_a_killed_rank_ends_the_launch_and_the_newest_checkpoint_resumes(tiny_da
     assert resume_problem(run_dir, tag) is None
     consolidated_state_dict(checkpoint_root(run_dir), tag)
     step = int(tag.removeprefix("step"))
-    proc = launch(2, config, ds, run_dir, "--resume", "--set", f"train.steps={step + 1}")
+    proc = launch(2, config, ds, run_dir, "--resume", "--set", f"train.steps={step + 1}",
+                  "--set", "train.lr_schedule_on_resume=keep")
     assert f"resumed from {tag}" in proc.stdout
     records, _ = read_metrics(run_dir)
     assert records[-1]["step"] == step + 1

@@ -270,7 +270,8 @@ def test_bf16_master_weights_travel_with_reshard_and_export(tiny_data, tmp_path)
 
     # DeepSpeed's warmup schedules run the first two steps at lr 0: three steps, so the weights move.
     config = write_config(tmp_path / "cfg.py", tiny_data, train=dict(steps=3, save_every=3))
-    longer = write_config(tmp_path / "longer.py", tiny_data, train=dict(steps=4, save_every=4))
+    longer = write_config(tmp_path / "longer.py", tiny_data,  # 4 steps: the "auto" schedule stretches on purpose
+                          train=dict(steps=4, save_every=4, lr_schedule_on_resume="stretch"))
     launch(2, config, write_ds_config(tmp_path / "ep2.json", base="zero1_bf16.json", moe_recipe={"ep_size": 2}),
            tmp_path / "run")
     bf16_weights, _ = consolidated_state_dict(checkpoint_root(tmp_path / "run"))
