@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 # First, before anything imports deepspeed: importing it logs (the accelerator it detects) on every rank.
@@ -58,9 +59,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, as_program: bool = False) -> int:
+    """``as_program``: this process is the trainer (``python -m recipe.train``): Ctrl-C is handled (signal handlers
+    and a watcher thread are process-wide, so not for a caller such as a test)."""
     args = parse_args(argv)
-    handle_interrupts()
+    position = LoopPosition()
+    if as_program:
+        handle_interrupts(lambda: say_interrupted(position))
     try:
         plan = plan_run(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
@@ -69,29 +74,33 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
-        return stop_on_interrupt(None, LoopPosition())
-    return train(plan, samples=args.samples)
+        return stop_on_interrupt(position)
+    position.plan = plan
+    return train(plan, samples=args.samples, position=position)
 
 
 @dataclass
 class LoopPosition:
     """Where a rank is, for the line a Ctrl-C ends it with."""
+    plan: Optional[RunPlan] = None
     step: int = 0  # the optimizer step under way (0: none started yet)
     saving: bool = False  # inside save(): that checkpoint will not be committed
     console: Optional[Console] = None
+    said: bool = False  # the line was printed (by the main thread, or by the watcher of a stuck rank)
+    saying: threading.Lock = field(default_factory=threading.Lock)
 
 
-def train(plan: RunPlan, samples: int = 0) -> int:
+def train(plan: RunPlan, samples: int = 0, position: Optional[LoopPosition] = None) -> int:
     """Train ``plan`` to its last step; a Ctrl-C (with ``handle_interrupts``) stops every rank at once, unsaved."""
-    position = LoopPosition()
+    position = position or LoopPosition(plan=plan)
     try:
         return run_training(plan, samples, position)
     except KeyboardInterrupt:
-        return stop_on_interrupt(plan, position)
+        return stop_on_interrupt(position)
     except Exception:
         if not interrupted():
             raise
-        return stop_on_interrupt(plan, position)  # a collective broke because a peer stopped on the Ctrl-C
+        return stop_on_interrupt(position)  # a collective broke because a peer stopped on the Ctrl-C
 
 
 def run_training(plan: RunPlan, samples: int, position: LoopPosition) -> int:
@@ -155,16 +164,26 @@ def banner(plan: RunPlan, ranks: Ranks, tokens_per_step: int, start_step: int) -
             f"{config.data.path}, {tokens_per_step:,} tokens/step, steps {start_step + 1}..{config.train.steps}")
 
 
-def stop_on_interrupt(plan: Optional[RunPlan], position: LoopPosition) -> int:
-    """Ctrl-C: no save and no further collective (peers may be gone, or stuck in one); rank 0 says which complete
-    checkpoint there is to --resume from. A save under way when the signal came is never committed."""
-    if position.console is not None:
-        position.console.close()
-    if is_global_rank_zero():
-        newest = latest_tag(plan.run_dir) if plan is not None else None
-        resumed = plan is not None and plan.config.train.resume
-        print(interrupt_message(position.step, newest, resumed, position.saving), file=sys.stderr, flush=True)
+def stop_on_interrupt(position: LoopPosition) -> int:
+    """Ctrl-C: no save and no further collective (peers may be gone, or stuck in one). A save under way when the
+    signal came is never committed."""
+    say_interrupted(position)
     return ExitCode.INTERRUPTED
+
+
+def say_interrupted(position: LoopPosition) -> None:
+    """Rank 0's one line: where it stopped and which complete checkpoint there is to --resume from."""
+    with position.saying:
+        if position.said:
+            return
+        position.said = True
+        if position.console is not None:
+            position.console.close()
+        if is_global_rank_zero():
+            plan = position.plan
+            newest = latest_tag(plan.run_dir) if plan is not None else None
+            resumed = plan is not None and plan.config.train.resume
+            print(interrupt_message(position.step, newest, resumed, position.saving), file=sys.stderr, flush=True)
 
 
 def stop_after_bad_steps(plan: RunPlan, ranks: Ranks, console: Console, metrics: MetricsWriter, step: int,
@@ -203,4 +222,4 @@ def finish(plan: RunPlan, ranks: Ranks, console: Console, summary: dict, samples
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(as_program=True))

@@ -85,16 +85,7 @@ def test_deepspeed_log_level_and_global_rank_zero_from_the_environment():
     assert is_global_rank_zero({}) and is_global_rank_zero({"RANK": "0"}) and not is_global_rank_zero({"RANK": "1"})
 
 
-@pytest.fixture
-def signal_handlers_restored():
-    """main() installs the trainer's Ctrl-C handling; this test process gets its own back afterwards."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
-def test_a_plan_error_is_printed_by_global_rank_0_only(tmp_path, monkeypatch, capsys, signal_handlers_restored):
+def test_a_plan_error_is_printed_by_global_rank_0_only(tmp_path, monkeypatch, capsys):
     from recipe.train import main
     from recipe.training.exit_codes import ExitCode
 
@@ -121,6 +112,46 @@ def test_importing_the_trainer_logs_nothing_from_deepspeed():
         loud = subprocess.run(cmd, capture_output=True, text=True, env={**env, "MOE_RECIPE_DS_LOG": "warning"},
                               cwd=ROOT, timeout=SAFETY_S)
         assert "Setting accelerator to CPU" in loud.stdout, loud.stdout + loud.stderr
+
+
+# A process with the trainer's Ctrl-C handling whose main thread, once interrupted, blocks again: a rank stuck in
+# a collective whose peer has left (NCCL waiting in a stream sync runs no Python signal handler at all).
+STUCK_RANK = """
+import threading
+import recipe.train  # noqa: F401 - as a rank starts: DeepSpeed quiet before it is imported
+from recipe.training.distributed import handle_interrupts
+handle_interrupts(lambda: print("last words", flush=True))
+print("ready", flush=True)
+try:
+    threading.Event().wait()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    threading.Event().wait()
+"""
+
+
+def _start_stuck_rank() -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_RANK], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def test_a_rank_stuck_after_ctrl_c_says_its_line_and_ends_and_ignores_the_launchers_sigterm():
+    proc = _start_stuck_rank()
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout.readline() == "interrupted\n"
+    proc.send_signal(signal.SIGTERM)  # what the deepspeed launcher sends after its own SIGINT
+    proc.send_signal(signal.SIGINT)  # a second Ctrl-C
+    out, _ = proc.communicate(timeout=SAFETY_S)
+    assert (proc.returncode, out) == (130, "last words\n")
+
+
+def test_a_sigterm_without_ctrl_c_still_ends_a_rank_at_once():
+    proc = _start_stuck_rank()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=SAFETY_S)
+    assert (proc.returncode, out) == (128 + signal.SIGTERM, "")
 
 
 # ---- one 2-rank launch, several checks --------------------------------------------------------------------------

@@ -12,15 +12,18 @@ import os
 import re
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from .exit_codes import ExitCode
 from .telemetry import deepspeed_log_level
 
 
@@ -91,33 +94,56 @@ def release_shm_workspace(rank: int) -> None:
 
 
 # ---- Ctrl-C. The terminal sends SIGINT to the whole foreground process group: the launcher and every rank get it
-# at once. Each rank turns it into KeyboardInterrupt (``recipe/train.py`` stops there without another collective);
-# the deepspeed launcher, on its own SIGINT, sends its ranks SIGTERM, which would kill them before they could say
-# so, and is ignored once SIGINT has arrived. A SIGTERM on its own still ends the rank as before.
-_interrupted = False
+# at once. Each rank turns it into KeyboardInterrupt (``recipe/train.py`` stops there without another collective).
+# The deepspeed launcher, on its own SIGINT, sends its ranks SIGTERM, which would kill them before they could say
+# so: after a SIGINT it is ignored. A rank whose main thread is stuck (a collective whose peer has already left,
+# e.g. NCCL waiting in a stream sync) runs no Python signal handler: a watcher thread, woken through
+# ``signal.set_wakeup_fd`` whatever the main thread does, says the last words and ends it after STUCK_S.
+STUCK_S = 10.0  # longer than a clean stop takes; a rank still running then is stuck, and its exit loses nothing
+_interrupted = threading.Event()
 
 
-def handle_interrupts() -> None:
+def handle_interrupts(last_words: Callable[[], None]) -> None:
+    """Install the Ctrl-C handling; ``last_words()`` prints rank 0's line (it must print once, from any thread)."""
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return  # started with SIGINT ignored (or handled by an embedding program): leave both signals alone
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     signal.signal(signal.SIGINT, _on_sigint)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _ignore)  # the watcher decides
+    threading.Thread(target=_watch_signals, args=(read_fd, last_words), name="ctrl-c watcher", daemon=True).start()
 
 
 def interrupted() -> bool:
     """SIGINT has arrived: whatever fails from now on (a collective whose peer stopped) is part of stopping."""
-    return _interrupted
+    return _interrupted.is_set()
 
 
 def _on_sigint(signum, frame) -> None:
-    global _interrupted
-    _interrupted = True
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the stop that is under way
+    _interrupted.set()
+    signal.signal(signal.SIGINT, _ignore)  # a second Ctrl-C must not break the stop that is under way
     raise KeyboardInterrupt
 
 
-def _on_sigterm(signum, frame) -> None:
-    if _interrupted:
-        return
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+def _ignore(signum, frame) -> None:
+    return None
+
+
+def _watch_signals(read_fd: int, last_words: Callable[[], None]) -> None:
+    """Signals in the order they came (the launcher's SIGTERM follows the terminal's SIGINT)."""
+    sigint_seen = False
+    while True:
+        for signum in os.read(read_fd, 64):
+            if signum == signal.SIGINT and not sigint_seen:
+                sigint_seen = True
+                _interrupted.set()
+                threading.Thread(target=_end_if_stuck, args=(last_words,), daemon=True).start()
+            elif signum == signal.SIGTERM and not sigint_seen:
+                os._exit(128 + signal.SIGTERM)  # a SIGTERM of its own ends the rank at once, as without handler
+
+
+def _end_if_stuck(last_words: Callable[[], None]) -> None:
+    time.sleep(STUCK_S)
+    last_words()
+    os._exit(ExitCode.INTERRUPTED)
