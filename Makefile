@@ -18,7 +18,7 @@ $(STAMP): requirements.txt
 
 # The whole suite: unit tests plus the multi-rank tests (marked `multirank`).
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Unit tests only (one process each, a couple of minutes).
 test-fast: install

@@ -405,7 +405,7 @@ def _validate_routing(m: ModelConfig) -> None:
     """The routing options' ranges and combinations (the layer repeats the range checks for direct users)."""
     k, experts, groups = m.moe_gate_k, m.num_experts, m.moe_num_expert_groups
     _require(m.moe_route_scale > 0, f"`model.moe_route_scale` must be > 0, got {m.moe_route_scale}")
-    _require(m.moe_bias_update_rate >= 0, f"`model.moe_bias_update_rate` must be >= 0 (0 = off)")
+    _require(m.moe_bias_update_rate >= 0, "`model.moe_bias_update_rate` must be >= 0 (0 = off)")
     _require(groups >= 1 and experts % groups == 0,
              f"`model.moe_num_expert_groups` ({groups}) must divide `model.num_experts` ({experts})")
     _require(1 <= m.moe_topk_groups <= groups,

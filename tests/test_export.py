@@ -137,28 +137,3 @@ def test_capacity_dropping_exports_as_the_dropless_model_with_a_note():
     (note,) = hf_export_notes(config_of(moe_drop_tokens=True))
     assert "`model.moe_drop_tokens=True`" in note and "dropless" in note
 
-
-@pytest.mark.multirank
-def test_a_trained_run_exports_its_tokenizer_and_points_zero_to_fp32_at_the_export(tiny_data, tmp_path):
-    """One real 1-rank run (DeepSpeed's save drops its converters, then our commit runs): the HF export's
-    AutoTokenizer encodes as the run's tokenizer; checkpoints/zero_to_fp32.py names the export command."""
-    import subprocess
-    import sys
-
-    from conftest import launch, write_config, write_ds_config
-    from recipe.data.tokenizer import load_tokenizer
-    from recipe.export import main
-
-    run = tmp_path / "run"
-    launch(1, write_config(tmp_path / "cfg.py", tiny_data, train={"steps": 2, "save_every": 2}),
-           write_ds_config(tmp_path / "ds.json"), run)
-    proc = subprocess.run([sys.executable, "checkpoints/zero_to_fp32.py", "checkpoints", "out.pt"], cwd=run,
-                          capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert f"python -m recipe.export --run_dir {run} --format torch --out out.pt" in proc.stderr
-    assert main(["--run_dir", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    ours = load_tokenizer(run)
-    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in ("  Two leading spaces, repeated   ones,\ttabs\nand 123 digits ☃.", "The nation."):
-        assert theirs(text)["input_ids"] == ours.encode(text)
-        assert theirs.decode(ours.encode(text)) == ours.decode(ours.encode(text))
