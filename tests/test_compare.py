@@ -92,10 +92,12 @@ def test_unknown_only_names_and_bad_configs_are_one_line(tmp_path, capsys):
 
 
 def test_make_compare_passes_configs():
-    line = subprocess.run(["make", "-n", "compare", "CONFIGS=a.py b.py"], cwd=ROOT, capture_output=True,
+    # --no-print-directory: under `make test` this make is a sub-make, which would end with "Leaving directory".
+    dry_run = ["make", "-n", "--no-print-directory", "compare"]
+    line = subprocess.run([*dry_run, "CONFIGS=a.py b.py"], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip().splitlines()[-1]
     assert line.endswith("-m recipe.compare --nproc 2 --configs a.py b.py"), line
-    line = subprocess.run(["make", "-n", "compare"], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()[-1]
+    line = subprocess.run(dry_run, cwd=ROOT, capture_output=True, text=True).stdout.splitlines()[-1]
     assert line.rstrip().endswith("-m recipe.compare --nproc 2"), line
 
 
