@@ -21,7 +21,9 @@ def saved_run(tiny_data, tmp_path_factory):
     """A 2-rank EP=2 ZeRO-2 run with checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("damaged")
     config = write_config(root / "cfg.py", tiny_data, train=dict(steps=4, save_every=2))
-    longer = write_config(root / "longer.py", tiny_data, train=dict(steps=6, save_every=2))
+    # Two more steps than saved: the "auto" schedule's new length is declined, the saved one kept.
+    longer = write_config(root / "longer.py", tiny_data,
+                          train=dict(steps=6, save_every=2, lr_schedule_on_resume="keep"))
     ds = write_ds_config(root / "ds.json", moe_recipe={"ep_size": 2})
     launch(2, config, ds, root / "run")
     assert complete_tags(root / "run") == ["step00000002", "step00000004"]
