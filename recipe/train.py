@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -221,5 +222,16 @@ def finish(plan: RunPlan, ranks: Ranks, console: Console, summary: dict, samples
     return ExitCode.OK
 
 
+def exit_program(code: int) -> None:
+    """End the trainer process with ``code``. After a Ctrl-C the atexit hooks are skipped: the terminal's SIGINT
+    reached every process of its group, wandb's service among them, and wandb's teardown would print a traceback
+    over the connection that is gone (the rank's own state needs no cleanup: nothing is saved on Ctrl-C)."""
+    if code == ExitCode.INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(as_program=True))
+    exit_program(main(as_program=True))

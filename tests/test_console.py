@@ -239,7 +239,9 @@ def test_ctrl_c_ends_every_rank_in_one_line_and_the_named_checkpoint_resumes(tin
     # A step budget no machine runs through while the test waits; a fixed schedule, so that resuming with
     # another train.steps keeps it.
     schedule = {"type": "WarmupCosineLR", "params": {"total_num_steps": 1000, "warmup_num_steps": 2}}
-    config = write_config(tmp_path / "cfg.py", tiny_data, train=dict(steps=10**9, save_every=2, log_every=1))
+    # wandb offline, as by default: its service process gets the SIGINT too, and its teardown must not print.
+    config = write_config(tmp_path / "cfg.py", tiny_data,
+                          train=dict(steps=10**9, save_every=2, log_every=1, wandb="offline"))
     ds = write_ds_config(tmp_path / "ds.json", moe_recipe={"ep_size": 2}, scheduler=schedule)
     run_dir, log_path = tmp_path / "run", tmp_path / "launch.log"
     cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nproc", "2", "--config", str(config), "--ds_config", str(ds),
