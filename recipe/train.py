@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -178,6 +179,9 @@ def say_interrupted(position: LoopPosition) -> None:
         if position.said:
             return
         position.said = True
+        # wandb's thread keeps writing to its service, which the same SIGINT ended: asyncio would log
+        # "socket.send() raised exception." under the line below.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         if position.console is not None:
             position.console.close()
         if is_global_rank_zero():
