@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,70 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) from metrics.jsonl."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+# ---- a launch the test acts on while it runs (a signal, a killed rank) ----
+
+@contextmanager
+def background_launch(cmd: list[str], port: str, stdout_path: Path, stderr_path: Path | None = None,
+                      env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """Start ``cmd`` (launch/train.sh) in its own session, output to files (not pipes: nobody reads a pipe while
+    the test waits, and a full one would stall the ranks; stderr joins stdout unless ``stderr_path``). On leaving:
+    the whole tree is killed if still running, and the shm segments of master port ``port`` are removed."""
+    with open(stdout_path, "w") as out, open(stderr_path or os.devnull, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err if stderr_path else subprocess.STDOUT,
+                                text=True, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            path.unlink(missing_ok=True)
+
+
+def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], what: str, log_path: Path) -> None:
+    """Poll until ``ready()``; the launch ending first fails the test, and so does SAFETY_S (a hang only)."""
+    deadline = time.monotonic() + SAFETY_S
+    while not ready():
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {SAFETY_S} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def logged_steps(run_dir: Path) -> int:
+    """Train records in ``run_dir``'s metrics.jsonl so far."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return sum('"loss"' in line for line in path.read_text().splitlines())
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def rank_pid(launch_pid: int, local_rank: int) -> int:
+    """The pid of the trainer rank ``local_rank`` under the launch ``launch_pid``."""
+    pids = [pid for pid in _descendants(launch_pid)
+            if "recipe.train" in _cmdline(pid) and f"--local_rank={local_rank}" in _cmdline(pid)]
+    assert len(pids) == 1, [_cmdline(pid) for pid in _descendants(launch_pid)]
+    return pids[0]

@@ -7,12 +7,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAFETY_S, _free_port, _kill_group, launch, read_metrics, write_config, write_ds_config
+from conftest import (ROOT, SAFETY_S, _free_port, background_launch, launch, logged_steps, read_metrics, wait_until,
+                      write_config, write_ds_config)
 from recipe.training.telemetry import (Console, deepspeed_log_level, eta_seconds, format_duration,
                                        interrupt_message, is_global_rank_zero, moe_health, progress_line)
 
@@ -227,11 +226,6 @@ def test_a_bad_config_prints_its_error_once_for_two_ranks(tiny_data, tmp_path):
 
 # ---- Ctrl-C -------------------------------------------------------------------------------------------------------
 
-def _logged_steps(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return path.read_text().count('"loss"') if path.is_file() else 0
-
-
 @pytest.mark.multirank
 def test_ctrl_c_ends_every_rank_in_one_line_and_the_named_checkpoint_resumes(tiny_data, tmp_path):
     from recipe.checkpoint import latest_tag
@@ -247,27 +241,16 @@ def test_ctrl_c_ends_every_rank_in_one_line_and_the_named_checkpoint_resumes(tin
     cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nproc", "2", "--config", str(config), "--ds_config", str(ds),
            "--run_dir", str(run_dir), "--python", sys.executable]
     port = str(_free_port())
-    with open(log_path, "w") as log:  # a file, not a pipe nobody reads while the test waits
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                env={**os.environ, "MASTER_PORT": port, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + SAFETY_S  # a safety net for a hang only: the checkpoint is awaited
-        while latest_tag(run_dir) is None or _logged_steps(run_dir) < 3:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            if time.monotonic() > deadline:
-                pytest.fail(f"no checkpoint within {SAFETY_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
+    with background_launch(cmd, port, log_path, env={"MASTER_PORT": port}) as proc:
+        # A safety net for a hang only: the checkpoint is awaited.
+        wait_until(proc, lambda: latest_tag(run_dir) is not None and logged_steps(run_dir) >= 3, "checkpoint",
+                   log_path)
         before = len(log_path.read_text())
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
         try:
             proc.wait(timeout=SAFETY_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"still running {SAFETY_S} s after SIGINT:\n{log_path.read_text()[-3000:]}")
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            path.unlink(missing_ok=True)
     after = log_path.read_text()[before:]
     tag = latest_tag(run_dir)
     notes = [line for line in after.splitlines() if line.startswith("interrupted (Ctrl-C)")]

@@ -8,12 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAFETY_S, _free_port, _kill_group, run_to_end, write_config, write_ds_config
+from conftest import (ROOT, SAFETY_S, _free_port, background_launch, logged_steps, rank_pid, run_to_end, wait_until,
+                      write_config, write_ds_config)
 from recipe.launcher import (RunState, failure_advice, launcher_level, main as launcher_main, run_state,
                              trainer_args)
 
@@ -143,42 +143,19 @@ def test_a_launch_failing_before_its_first_step_says_so_without_launcher_chatter
     assert _chatter(output, LAUNCHER_CHATTER) == []
 
 
-def _rank_pid(launch_pid: int, local_rank: int) -> int:
-    from test_rank_death import _cmdline, _descendants
-
-    pids = [pid for pid in _descendants(launch_pid)
-            if "recipe.train" in _cmdline(pid) and f"--local_rank={local_rank}" in _cmdline(pid)]
-    assert len(pids) == 1, [_cmdline(pid) for pid in _descendants(launch_pid)]
-    return pids[0]
-
-
 @pytest.mark.multirank
 def test_a_rank_killed_before_the_first_checkpoint_says_nothing_was_saved(tiny_data, tmp_path):
     """MOE_RECIPE_DS_LOG=info: the launcher's lines are back (the control for the test above). Rank 1 is killed
     after a logged step, long before the first checkpoint: the advice is to start again, not to --resume."""
-    from test_rank_death import _logged_steps
-
     config = write_config(tmp_path / "cfg.py", tiny_data, train=dict(steps=10**9, save_every=10**9))
     ds = write_ds_config(tmp_path / "ds.json", moe_recipe={"ep_size": 2})
     run_dir, port, log = tmp_path / "run", str(_free_port()), tmp_path / "launch.log"
     cmd = ["bash", str(TRAIN_SH), "--nproc", "2", "--config", str(config), "--ds_config", str(ds), "--run_dir",
            str(run_dir), "--master_port", port, "--python", sys.executable]
-    with open(log, "w") as out:  # a file, not a pipe: nobody reads while the test waits
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                env={**os.environ, "MOE_RECIPE_DS_LOG": "info", "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + SAFETY_S
-        while _logged_steps(run_dir) < 1:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no logged step within {SAFETY_S} s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
-        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    with background_launch(cmd, port, log, env={"MOE_RECIPE_DS_LOG": "info"}) as proc:
+        wait_until(proc, lambda: logged_steps(run_dir) >= 1, "logged step", log)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
         proc.wait(timeout=SAFETY_S)
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            path.unlink(missing_ok=True)
     output = log.read_text()
     assert proc.returncode != 0
     assert _advice_lines(output) == [f"launch/train.sh: training failed (exit {proc.returncode}) before its first "

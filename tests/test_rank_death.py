@@ -7,42 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAFETY_S, _free_port, _kill_group, launch, read_metrics, write_config, write_ds_config
+from conftest import (ROOT, SAFETY_S, _free_port, background_launch, launch, logged_steps, rank_pid, read_metrics,
+                      wait_until, write_config, write_ds_config)
 from recipe.checkpoint import checkpoint_root, consolidated_state_dict, latest_tag, resume_problem
 
 pytestmark = pytest.mark.multirank
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            todo += children
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _logged_steps(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    return sum('"loss"' in line for line in path.read_text().splitlines())
 
 
 def test_a_killed_rank_ends_the_launch_and_the_newest_checkpoint_resumes(tiny_data, tmp_path):
@@ -54,35 +26,20 @@ def test_a_killed_rank_ends_the_launch_and_the_newest_checkpoint_resumes(tiny_da
     port = str(_free_port())
     cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--nproc", "2", "--config", str(config), "--ds_config", str(ds),
            "--run_dir", str(run_dir), "--python", sys.executable]
-    # Output to files, not pipes: nobody reads a pipe while this test waits, and a full one would stall the ranks.
     out_path, err_path = tmp_path / "launch.out", tmp_path / "launch.err"
-    with open(out_path, "w") as out, open(err_path, "w") as err_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err_file, text=True, start_new_session=True,
-                                env={**os.environ, "MASTER_PORT": port, "PYTHONUNBUFFERED": "1"})
-    try:
+    with background_launch(cmd, port, out_path, err_path, env={"MASTER_PORT": port}) as proc:
         # Wait for a committed checkpoint and a step after it (start-up time varies with the machine's load).
-        deadline = time.monotonic() + SAFETY_S
-        while latest_tag(run_dir) is None or _logged_steps(run_dir) < 3:
-            assert proc.poll() is None, err_path.read_text()[-3000:]
-            if time.monotonic() > deadline:
-                pytest.fail(f"no checkpoint and 3 logged steps within {SAFETY_S} s:\n{err_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        rank1 = [pid for pid in _descendants(proc.pid)
-                 if "recipe.train" in _cmdline(pid) and "--local_rank=1" in _cmdline(pid)]
-        assert len(rank1) == 1, [_cmdline(pid) for pid in _descendants(proc.pid)]
+        wait_until(proc, lambda: latest_tag(run_dir) is not None and logged_steps(run_dir) >= 3,
+                   "checkpoint and 3 logged steps", err_path)
+        rank1 = rank_pid(proc.pid, 1)
         try:
-            os.kill(rank1[0], signal.SIGKILL)
+            os.kill(rank1, signal.SIGKILL)
         except ProcessLookupError:  # with this budget a rank only ends by failing
             pytest.fail(f"rank 1 ended by itself before the kill:\n{err_path.read_text()[-3000:]}")
         try:
             proc.wait(timeout=SAFETY_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the launch did not end within {SAFETY_S} s after one of its ranks was killed")
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            path.unlink(missing_ok=True)
     err = err_path.read_text()
     assert proc.returncode != 0
     tag = latest_tag(run_dir)
