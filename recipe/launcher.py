@@ -27,29 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from recipe.ds_log import DS_LEVELS, drop_deepspeed_records_below, requested_level
+
 ENTRIES = ("runner", "launch")  # deepspeed.launcher.<entry>
-LOG_ENV = "MOE_RECIPE_DS_LOG"
-DEFAULT_LAUNCHER_LEVEL = "error"
-DS_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error",
-             logging.CRITICAL: "critical"}  # the names DeepSpeed's --log_level accepts
 PREFIX = "launch/train.sh:"
 EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_CTRL_C = 2, 3, 130  # recipe/training/exit_codes.py; 128 + SIGINT
 
 
 def launcher_level(environ: dict) -> str:
     """DeepSpeed's name for the level ``MOE_RECIPE_DS_LOG`` asks for (default ``error``); ValueError if unknown."""
-    name = environ.get(LOG_ENV, "").strip() or DEFAULT_LAUNCHER_LEVEL
-    level = getattr(logging, name.upper(), None)
-    if level not in DS_LEVELS:
-        raise ValueError(f"{LOG_ENV}={name!r} is not a log level; use one of {', '.join(DS_LEVELS.values())}")
-    return DS_LEVELS[level]
-
-
-def quiet_deepspeed_logger(level: str) -> None:
-    """Drop DeepSpeed's records below ``level`` in this process. A filter, set before deepspeed is imported: the
-    import itself logs (accelerator detection) and resets the logger's level, which a filter outlives."""
-    threshold = getattr(logging, level.upper())
-    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= threshold)
+    return DS_LEVELS[requested_level(environ)]
 
 
 def skip_accelerator_detection(environ: dict) -> None:
@@ -191,7 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_BAD_INPUT
     quiet = getattr(logging, level.upper()) > logging.WARNING
     if quiet:
-        quiet_deepspeed_logger(level)
+        drop_deepspeed_records_below(getattr(logging, level.upper()))
         skip_accelerator_detection(os.environ)
     entry, ds_argv = argv[0], [f"--log_level={level}", *argv[1:]]
     train_argv = ds_argv[ds_argv.index("--module") + 2:] if "--module" in ds_argv else []

@@ -16,29 +16,22 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from tqdm import tqdm
 
+from ..ds_log import DEFAULT_LEVEL, drop_deepspeed_records_below, requested_level
+
 if TYPE_CHECKING:
     from ..model.transformer import LMOutput, TransformerLM
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # a sum over ranks
 
-DS_LOG_ENV = "MOE_RECIPE_DS_LOG"  # the level of DeepSpeed's own log lines in the ranks (default: errors only)
-DEFAULT_DS_LOG_LEVEL = logging.ERROR
 
 
 def deepspeed_log_level(environ=os.environ) -> int:
     """The level ``MOE_RECIPE_DS_LOG`` names (debug, info, warning, error); errors only when unset or unknown
     (launch/train.sh refuses an unknown name before any rank starts)."""
-    level = getattr(logging, environ.get(DS_LOG_ENV, "").strip().upper() or "_", None)
-    return level if isinstance(level, int) else DEFAULT_DS_LOG_LEVEL
-
-
-class _BelowLevel(logging.Filter):
-    def __init__(self, level: int):
-        super().__init__()
-        self.level = level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= self.level
+    try:
+        return requested_level(environ)
+    except ValueError:
+        return DEFAULT_LEVEL
 
 
 def quiet_deepspeed() -> None:
@@ -48,8 +41,7 @@ def quiet_deepspeed() -> None:
     inside torch on every ZeRO step. Called before deepspeed is imported (a logger filter outlives the level
     reset of the import) and again after, when the logger's handler exists: ``info`` / ``debug`` lower it."""
     level, ds_logger = deepspeed_log_level(), logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _BelowLevel) for f in ds_logger.filters):
-        ds_logger.addFilter(_BelowLevel(level))
+    drop_deepspeed_records_below(level)
     if level < logging.WARNING:  # DeepSpeed's handler stops below WARNING by itself
         for target in (ds_logger, *ds_logger.handlers):
             target.setLevel(level)
