@@ -42,6 +42,11 @@ MODEL_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
 
 
+def expert_file_name(moe_layer: int, expert: int) -> str:
+    """The file of global expert ``expert`` of the ``moe_layer``-th MoE layer (DeepSpeed's name for it)."""
+    return f"layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
+
+
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -97,8 +102,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def missing_files(folder: Path, world_size: int, moe_layers: int, num_experts: int) -> list[str]:
     """What a complete checkpoint of this layout must hold and ``folder`` lacks (or holds empty)."""
     expected = [MODEL_FILE] + [f"recipe_rank{r}.pt" for r in range(world_size)]
-    expected += [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
-                 for layer in range(moe_layers) for e in range(num_experts)]
+    expected += [expert_file_name(layer, e) for layer in range(moe_layers) for e in range(num_experts)]
     missing = [name for name in expected if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
     if not any(folder.glob("*optim_states.pt")):
         missing.append("*optim_states.pt")

@@ -11,6 +11,9 @@ DeepSpeed's monitor blocks: ``tensorboard`` and ``csv_monitor`` without an ``out
 the run folder (``<run_dir>/tensorboard``, ``<run_dir>/csv_monitor``), not the current directory; an enabled block
 whose package is not installed is refused with the install command; an enabled ``wandb`` block is refused in favour
 of ``train.wandb`` (the recipe's own wandb run).
+ZeRO stage 3 with MoE runs the experts partitioned over their expert-data-parallel group (``ShardedMoE``); the
+ZeRO-3 settings that would mix experts across ranks (hpZ, quantized weights or gradients, MiCS) and offload are
+refused with it. Pipeline, tensor and sequence parallelism are refused: the recipe does not run them.
 Combinations DeepSpeed would assert on later (or silently mistrain with) are rejected here, up front, and so are
 keys DeepSpeed's own config parser never reads (typos it would ignore), blocks its pydantic models refuse, and
 optimizer or scheduler types it cannot build; a JSON whose top level is not an object is refused when read.
@@ -81,6 +84,7 @@ def resolve_ds_config(raw: dict, config: RecipeConfig, world_size: int, path: st
     _check_ep_size(ep_size, config, world_size, path)
     _fill_auto_schedule(ds, config.train.steps)
     _check_monitors(ds, config.train.run_dir, path)
+    _check_parallelism(ds, path)
     if "optimizer" not in ds:
         raise ConfigError(f"{path}: declare the optimizer in the ds_config (e.g. AdamW); the recipe builds none itself")
     _check_types(ds, path)
@@ -131,18 +135,47 @@ def _precision(ds: dict, path: str) -> Precision:
 
 
 def _zero_stage(ds: dict, config: RecipeConfig, path: str) -> int:
-    """The ZeRO stage, refusing the combinations with MoE that DeepSpeed asserts on later."""
+    """The ZeRO stage, refusing the combinations with MoE that DeepSpeed asserts on later (or mistrains with)."""
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     if config.is_moe:
         if stage == 3:
-            raise ConfigError(f"{path}: ZeRO stage 3 is not supported with DeepSpeed MoE layers; use stage 0, 1 or 2")
+            _check_zero3_moe(zero, config, path)
         if stage == 2 and not (zero.get("contiguous_gradients", True) and zero.get("reduce_scatter", True)):
             raise ConfigError(f"{path}: ZeRO-2 with MoE needs contiguous_gradients and reduce_scatter true "
                               f"(DeepSpeed asserts otherwise); set both to true")
     return stage
+
+
+# ZeRO-3 settings whose collectives ignore the experts' own partition group (``ShardedMoE``): each would mix the
+# experts of different expert-parallel ranks, silently. AutoEP, the layer DeepSpeed allows under ZeRO-3, refuses
+# them too (hpZ, quantized gradients); MiCS shards over its own groups.
+ZERO3_MOE_REFUSED = {  # key: (what it is, the values that leave it off)
+    "zero_hpz_partition_size": ("hpZ, a secondary weight partition over all ranks", (0, 1)),
+    "zero_quantized_weights": ("quantized weight all-gathers", (False,)),
+    "zero_quantized_nontrainable_weights": ("quantized weight all-gathers", (False,)),
+    "zero_quantized_gradients": ("quantized gradient reduce-scatter", (False,)),
+    "mics_shard_size": ("MiCS sharding", (-1,)),
+}
+
+
+def _check_zero3_moe(zero: dict, config: RecipeConfig, path: str) -> None:
+    """ZeRO-3 with MoE runs our ``ShardedMoE`` (experts partitioned over their expert-data-parallel group):
+    refuse what DeepSpeed's MoE layer would need, and the settings that would partition experts wrongly."""
+    if config.model.moe_impl == "deepspeed":
+        raise ConfigError(f"{path}: DeepSpeed's own MoE layer (model.moe_impl='deepspeed') does not run under ZeRO "
+                          f"stage 3; use moe_impl='recipe' or a stage 0-2 ds_config")
+    for key, (what, off) in ZERO3_MOE_REFUSED.items():
+        if zero.get(key, off[0]) not in off:
+            raise ConfigError(f"{path}: zero_optimization.{key} ({what}) is not supported with MoE under ZeRO-3: "
+                              f"it would mix the experts of different expert-parallel ranks; remove the key")
+    for block in ("offload_param", "offload_optimizer"):
+        device = (zero.get(block) or {}).get("device", "none")
+        if device not in ("none", None):
+            raise ConfigError(f"{path}: zero_optimization.{block} is not supported with MoE under ZeRO-3 (untested "
+                              f"with partitioned experts); remove it, or use ds_configs/zero2_fp32_offload.json")
 
 
 def _check_ep_size(ep_size: int, config: RecipeConfig, world_size: int, path: str) -> None:
@@ -157,6 +190,22 @@ def _check_ep_size(ep_size: int, config: RecipeConfig, world_size: int, path: st
     if not config.is_moe and ep_size > 1:
         raise ConfigError(f"model_type {config.model_type!r} has no experts but {path} sets ep_size={ep_size}; "
                           f"use an ep_size=1 ds_config for dense models")
+
+
+def _check_parallelism(ds: dict, path: str) -> None:
+    """Model parallelism the recipe does not run: DeepSpeed would take the block and train something else."""
+    if "pipeline" in ds:
+        # The trainer steps the engine per micro-batch; DeepSpeed's pipeline engine needs a PipelineModule and its
+        # own train_batch loop, and with MoE a stage holding no MoE layer deadlocks (DEEPSPEED-SCALE.md §3).
+        raise ConfigError(f"{path}: pipeline parallelism is not supported by the recipe (the `pipeline` block); "
+                          f"remove the block and scale with data, expert parallelism and ZeRO (README: Scaling out)")
+    autotp = (ds.get("tensor_parallel") or {}).get("autotp_size", 1)
+    if autotp not in (0, 1):
+        raise ConfigError(f"{path}: tensor parallelism (tensor_parallel.autotp_size {autotp}) is not supported by the "
+                          f"recipe yet; remove the block and scale with expert parallelism and ZeRO-3")
+    if ds.get("sequence_parallel_size", 1) != 1:
+        raise ConfigError(f"{path}: sequence parallelism (sequence_parallel_size {ds['sequence_parallel_size']}) "
+                          f"is not supported by the recipe; remove the key")
 
 
 def _fill_auto_schedule(ds: dict, train_steps: int) -> None:

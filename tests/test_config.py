@@ -136,7 +136,17 @@ REJECTED_DS = [
     (_ds(moe_recipe={"ep_size": 4}), 4, None),  # fine: 8 experts over EP=4 on 4 ranks
     (_ds(moe_recipe={"ep_size": 2, "ep": 2}), 2, "`moe_recipe` must be an object with keys"),
     (_ds(train_batch_size=64), 2, "train_batch_size 64 != micro batch 8 x gradient accumulation 1"),
-    (_ds(zero_optimization={"stage": 3}), 2, "ZeRO stage 3 is not supported with DeepSpeed MoE"),
+    (_ds(zero_optimization={"stage": 3, "zero_hpz_partition_size": 2}), 2, "zero_hpz_partition_size (hpZ"),
+    (_ds(zero_optimization={"stage": 3, "zero_quantized_gradients": True}), 2, "quantized gradient reduce-scatter"),
+    (_ds(zero_optimization={"stage": 3, "zero_quantized_weights": True}), 2, "quantized weight all-gathers"),
+    (_ds(zero_optimization={"stage": 3, "mics_shard_size": 2}), 2, "MiCS sharding"),
+    (_ds(zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}), 2, "offload_optimizer is not"),
+    (_ds(zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}}), 2, "offload_param is not"),
+    (_ds(pipeline={"stages": 2}), 2, "pipeline parallelism is not supported"),
+    (_ds(tensor_parallel={"autotp_size": 2}), 2, "tensor parallelism (tensor_parallel.autotp_size 2)"),
+    (_ds(sequence_parallel_size=2), 2, "sequence parallelism"),
+    (_ds(zero_optimization={"stage": 3, "zero_hpz_partition_size": 1, "zero_quantized_weights": False},
+         moe_recipe={"ep_size": 4}), 4, None),  # fine: ZeRO-3 with those left off
     (_ds(zero_optimization={"stage": 2, "contiguous_gradients": False}), 2, "needs contiguous_gradients"),
     (_ds(bf16={"enabled": True}, fp16={"enabled": True}), 2, "both enabled"),
     (_ds(train_micro_batch_size_per_gpu=0), 2, "must be a positive integer"),
@@ -287,3 +297,10 @@ def test_every_value_of_a_string_options_literal_loads(section, key):
         raw = {"model": {"moe_balance_over_data_parallel": value != "deepspeed"}}  # DeepSpeed's layer: per rank
         raw.setdefault(section, {})[key] = value
         assert getattr(getattr(config_from_dict(raw), section), key) == value
+
+
+def test_deepspeeds_moe_layer_is_refused_under_zero3():
+    baseline = config_from_dict({"model": {"num_experts": 8, "moe_impl": "deepspeed",
+                                           "moe_balance_over_data_parallel": False}})
+    with pytest.raises(ConfigError, match="does not run under ZeRO stage 3"):
+        resolve_ds_config(_ds(zero_optimization={"stage": 3}), baseline, 2)

@@ -18,11 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deepspeed.moe.layer import MoE as DeepSpeedMoE
-
 from ..config import QKNorm, RecipeConfig
 from .expert_keys import local_to_global
-from .moe import DeepSpeedBaselineMoE, MoE, RoutingStats, SwiGLU
+from .moe import DeepSpeedBaselineMoE, MoE, MoEBase, RoutingStats, ShardedMoE, SwiGLU
 
 
 @dataclass
@@ -106,10 +104,11 @@ class CausalSelfAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
-def moe_layer(config: RecipeConfig, ep_size: int) -> DeepSpeedMoE:
-    """The MoE layer of an FFN slot: ours, or DeepSpeed's as the benchmarking baseline
-    (``model.moe_impl='deepspeed'``; settings DeepSpeed cannot express are refused by ``recipe.config``).
-    Both have the same parameter names and the same ``forward(h, token_mask) -> MoEOutput``."""
+def moe_layer(config: RecipeConfig, ep_size: int, zero3: bool = False) -> nn.Module:
+    """The MoE layer of an FFN slot: ours (``ShardedMoE`` under ZeRO-3, else ``MoE``), or DeepSpeed's as the
+    benchmarking baseline (``model.moe_impl='deepspeed'``; settings DeepSpeed cannot express, and ZeRO-3, are
+    refused by ``recipe.config`` / ``recipe.ds_config``). All have the same parameter names and the same
+    ``forward(h, token_mask) -> MoEOutput``."""
     m = config.model
     if m.moe_impl == "deepspeed":
         return DeepSpeedBaselineMoE(
@@ -118,7 +117,8 @@ def moe_layer(config: RecipeConfig, ep_size: int) -> DeepSpeedMoE:
             min_capacity=m.moe_min_capacity, noisy_gate_policy=m.moe_noisy_gate_policy, drop_tokens=m.moe_drop_tokens,
             use_rts=m.moe_use_rts, top2_2nd_expert_sampling=m.moe_second_expert_policy == "sampling",
         )
-    return MoE(
+    layer_class = ShardedMoE if zero3 else MoE
+    return layer_class(
         m.hidden_size, m.num_experts, k=m.moe_gate_k, capacity_factor=m.moe_capacity_factor,
         eval_capacity_factor=m.moe_eval_capacity_factor, min_capacity=m.moe_min_capacity,
         drop_tokens=m.moe_drop_tokens, ep_size=ep_size, intermediate_size=m.expert_size, expert=m.moe_expert,
@@ -133,7 +133,7 @@ def moe_layer(config: RecipeConfig, ep_size: int) -> DeepSpeedMoE:
 
 
 class Block(nn.Module):
-    def __init__(self, config: RecipeConfig, use_moe: bool, ep_size: int):
+    def __init__(self, config: RecipeConfig, use_moe: bool, ep_size: int, zero3: bool = False):
         super().__init__()
         m = config.model
         self.attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
@@ -145,7 +145,7 @@ class Block(nn.Module):
         self.shared_gate = None
         self.is_moe = use_moe
         if use_moe:
-            self.ffn = moe_layer(config, ep_size)
+            self.ffn = moe_layer(config, ep_size, zero3)
             if m.moe_num_shared_experts > 0:
                 # Kept outside the MoE module: DeepSpeed's expert checkpoint treats any key there with
                 # "expert" in its name as a routed expert. All shared experts are one SwiGLU of their summed width.
@@ -172,13 +172,14 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    def __init__(self, config: RecipeConfig, ep_size: int = 1):
+    def __init__(self, config: RecipeConfig, ep_size: int = 1, zero3: bool = False):
+        """``zero3``: the MoE layers are ``ShardedMoE``, for a ZeRO stage 3 engine (``recipe.model.moe.layer``)."""
         super().__init__()
         m = config.model
         self.config = config
         self.embedding = nn.Embedding(m.vocab_size, m.hidden_size)
         moe_layers = set(config.moe_layer_ids())
-        self.blocks = nn.ModuleList(Block(config, i in moe_layers, ep_size) for i in range(m.num_layers))
+        self.blocks = nn.ModuleList(Block(config, i in moe_layers, ep_size, zero3) for i in range(m.num_layers))
         self.norm = RMSNorm(m.hidden_size, m.norm_eps)
         self.lm_head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
         if m.tie_word_embeddings:
@@ -187,7 +188,7 @@ class TransformerLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def moe_layers(self) -> list[DeepSpeedMoE]:
+    def moe_layers(self) -> list[nn.Module]:
         """The MoE FFN layers in layer order: ours, or DeepSpeed's with ``model.moe_impl='deepspeed'``."""
         return [block.ffn for block in self.blocks if block.is_moe]
 
@@ -200,7 +201,7 @@ class TransformerLM(nn.Module):
     @property
     def reports_routing(self) -> bool:
         """Whether ``forward`` returns routing telemetry (``LMOutput.routing``): only our MoE layer does."""
-        return any(isinstance(layer, MoE) for layer in self.moe_layers())
+        return any(isinstance(layer, MoEBase) for layer in self.moe_layers())
 
     @torch.no_grad()
     def init_weights(self, seed: int, ep_rank: int = 0) -> None:

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..model.moe.layer import MoE, RoutingStats
+from ..model.moe.layer import MoEBase, RoutingStats
 from ..model.transformer import TransformerLM
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -26,7 +26,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 class ExpertBiasBalancer:
     """The step's expert loads of every bias-balanced MoE layer, and the bias update they lead to."""
 
-    def __init__(self, layers: list[MoE], rate: float):
+    def __init__(self, layers: list[MoEBase], rate: float):
         self.biases = [layer.deepspeed_moe.gate.e_score_correction_bias for layer in layers]
         self.rate = rate
         self.loads: Optional[torch.Tensor] = None  # (layers, E) fp32, summed over the step's micro-batches
@@ -35,7 +35,7 @@ class ExpertBiasBalancer:
     def for_model(cls, model: TransformerLM, rate: float) -> Optional["ExpertBiasBalancer"]:
         """A balancer for every MoE layer of ``model`` that has a bias; None when bias balancing is off."""
         layers = [layer for layer in model.moe_layers()
-                  if isinstance(layer, MoE) and layer.deepspeed_moe.gate.e_score_correction_bias is not None]
+                  if isinstance(layer, MoEBase) and layer.deepspeed_moe.gate.e_score_correction_bias is not None]
         return cls(layers, rate) if layers and rate > 0 else None
 
     def add(self, routing: list[RoutingStats]) -> None:

@@ -12,6 +12,7 @@ from ..config import RecipeConfig
 from ..data.loader import BatchLoader, TokenDataset
 from ..ds_config import DSConfig
 from ..init_from import parse_init_from
+from ..model.moe import ShardedMoE
 from ..model.moe.dispatch import expert_parallel_rank
 from ..model.transformer import TransformerLM
 from .balancing import ExpertBiasBalancer
@@ -41,7 +42,7 @@ class Job:
 def build_job(plan: RunPlan, ranks: Ranks) -> Job:
     config, ds = plan.config, plan.ds
     ep_rank = expert_parallel_rank(ds.ep_size) if config.is_moe else 0  # creates DeepSpeed's EP groups
-    model = TransformerLM(config, ep_size=ds.ep_size)
+    model = TransformerLM(config, ep_size=ds.ep_size, zero3=ds.zero_stage == 3)
     if config.train.init_from is not None and plan.resume_tag is None:  # on --resume the checkpoint wins
         load_initial_weights(model, config, ep_rank)  # writes every weight: a random init first would be lost
     else:
@@ -90,6 +91,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def start_engine(model: TransformerLM, ds: DSConfig):
     """(engine, LR scheduler or None) from the resolved DeepSpeed JSON."""
+    if ds.zero_stage == 3 and model.moe_layers():
+        # One gather of router and experts per layer call: the dispatcher calls into the experts directly, so
+        # hooks on the experts module itself would never fire.
+        deepspeed.utils.set_z3_leaf_modules(model, [ShardedMoE])
     weight_decay = ds.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                                    config=ds.deepspeed)

@@ -10,15 +10,17 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from ..checkpoint import (RankState, begin, checkpoint_root, commit, consolidated_state_dict, load_recipe_state, prune,
-                          rng_state, save_recipe_state, set_rng_state, step_tag)
+from ..checkpoint import (MODEL_FILE, RankState, begin, checkpoint_root, commit, consolidated_state_dict,
+                          expert_file_name, load_recipe_state, prune, rng_state, save_recipe_state, set_rng_state,
+                          step_tag)
 from ..hf_format import HF_SOURCE_CONFIG
 from ..init_from import parse_init_from
-from ..model.expert_keys import shard_experts
+from ..model.expert_keys import local_to_global, parse_expert_key, shard_experts
 from ..model.moe.dispatch import expert_data_parallel_rank
 from ..model.transformer import TransformerLM
 from ..reshard import ReshardError, load_optimizer_state, read_optimizer_state
@@ -186,13 +188,64 @@ def save(plan: RunPlan, job: Job, ranks: Ranks, step: int) -> None:
         begin(plan.run_dir, tag)
     barrier()
     save_recipe_state(plan.run_dir, tag, ranks.rank, rank_state(plan, job, ranks, step))
-    job.engine.save_checkpoint(str(root), tag=tag, save_latest=False,
-                               client_state={"step": step, "config": plan.config.to_dict()})
+    client_state = {"step": step, "config": plan.config.to_dict()}
+    job.engine.save_checkpoint(str(root), tag=tag, save_latest=False, client_state=client_state)
+    if plan.ds.zero_stage == 3:
+        write_gathered_weights(job, root / tag, ranks, plan.ds.ep_size, client_state)
     barrier()  # every rank's files are written
     if ranks.is_main:
         commit(plan.run_dir, tag, ranks.world_size, len(job.model.moe_layers()), plan.config.model.num_experts)
         prune(plan.run_dir, plan.config.train.keep_last)
     barrier()
+
+
+def write_gathered_weights(job: Job, folder: Path, ranks: Ranks, ep_size: int, client_state: dict) -> None:
+    """ZeRO-3: the engine's model-states files hold partition placeholders only. Write the recipe's layout beside
+    them, as ZeRO 0-2 runs have it (``mp_rank_00_model_states.pt`` with the non-expert weights, LR schedule and
+    client state; one file per expert), from weights gathered one module at a time (a collective: every rank
+    joins), so that generate, export and --reshard read ZeRO-3 checkpoints like any other. Rank 0 writes the
+    dense file, the first rank of each expert-data-parallel group its experts."""
+    import deepspeed
+
+    model, num_local = job.model, job.model.num_local_experts
+    writes_experts = job.model.moe_layers() and expert_data_parallel_rank(ep_size) == 0
+    dense: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (MoE layer, global expert) -> its entries
+    for prefix, module, moe_layer in _save_units(model):
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {key: value.detach().cpu().clone() for key, value in module.state_dict(prefix=prefix).items()}
+        for key, value in state.items():
+            if parse_expert_key(key) is None:
+                dense[key] = value
+            elif writes_experts:
+                global_key = local_to_global(key, job.ep_rank, num_local)
+                experts.setdefault((moe_layer, parse_expert_key(global_key).expert), {})[global_key] = value
+    if ranks.is_main:
+        scheduler = job.engine.lr_scheduler
+        _save_atomic({**client_state, "module": dense, "num_experts": [m.num_experts for m in model.moe_layers()],
+                      "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+                      "global_steps": job.engine.global_steps}, folder / MODEL_FILE)
+    for (moe_layer, expert), entries in experts.items():
+        _save_atomic(entries, folder / expert_file_name(moe_layer, expert))
+
+
+def _save_units(model: TransformerLM):
+    """(state-dict prefix, module, index of its MoE layer or None) for each top-level module, blocks one by one:
+    the pieces ``write_gathered_weights`` gathers in turn."""
+    moe_layer = 0
+    for name, child in model.named_children():
+        if not isinstance(child, torch.nn.ModuleList):
+            yield f"{name}.", child, None
+            continue
+        for index, block in enumerate(child):
+            yield f"{name}.{index}.", block, moe_layer if getattr(block, "is_moe", False) else None
+            moe_layer += int(getattr(block, "is_moe", False))
+
+
+def _save_atomic(obj, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    os.replace(partial, path)  # never a half-written file under the final name
 
 
 def rank_state(plan: RunPlan, job: Job, ranks: Ranks, step: int) -> RankState:

@@ -147,3 +147,9 @@ def expert_data_parallel_rank(ep_size: int) -> int:
     if not dist.is_initialized():
         return 0
     return groups._get_expert_data_parallel_rank(ensure_expert_groups(ep_size))
+
+
+def expert_data_parallel_group(ep_size: int):
+    """The process group of the ranks holding the same experts as this one (creates the groups); what ZeRO-3
+    partitions this rank's experts over (``ShardedMoE``)."""
+    return groups._get_expert_data_parallel_group(ensure_expert_groups(ep_size))

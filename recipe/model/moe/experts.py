@@ -353,8 +353,15 @@ def run_experts_indexed(experts: nn.Module, x_SM: torch.Tensor, tokens_per_exper
 
 
 def _unstack_expert_state(module: SwiGLUExperts, state_dict, prefix, local_metadata) -> None:
-    """State-dict post hook: replace each stacked weight (E, ...) by its per-expert keys, one slice each."""
+    """State-dict post hook: replace each stacked weight (E, ...) by its per-expert keys, one slice each.
+
+    A weight ZeRO-3 holds partitioned is an empty placeholder outside a gather: it keeps its stacked key (the
+    engine's own model-states file has placeholders only; the per-expert files are written from gathered
+    weights)."""
     for name in STACKED_WEIGHTS:
+        weight = getattr(module, name)
+        if hasattr(weight, "ds_numel") and state_dict[prefix + name].numel() != weight.ds_numel:
+            continue  # a ZeRO-3 placeholder
         stacked = state_dict.pop(prefix + name)
         for i, key in enumerate(stacked_keys(prefix, name, range(module.num_local_experts))):
             state_dict[key] = stacked[i]

@@ -1,9 +1,17 @@
 """The MoE layer that fills an FFN slot: router -> gating -> dispatch -> experts -> weighted combine.
 
-The class derives from ``deepspeed.moe.layer.MoE`` only so that the DeepSpeed engine recognises it
-(the engine tests ``isinstance(module, MoE)``): it then creates the ``ep_size_{N}`` process groups,
-reduces expert gradients over the expert-data-parallel group and saves one file per expert. None of
-DeepSpeed's MoE code runs: ``__init__`` and ``forward`` are ours.
+``MoEBase`` is the layer; two classes put it in front of the DeepSpeed engine, which treats MoE by class:
+
+* ``MoE`` (ZeRO 0-2) also derives from ``deepspeed.moe.layer.MoE`` only so that the engine recognises it (it
+  tests ``isinstance(module, MoE)``): it then puts expert parameters in their own optimizer groups, reduces
+  their gradients over the expert-data-parallel group and saves one file per expert. None of DeepSpeed's MoE
+  code runs: ``__init__`` and ``forward`` are ours.
+* ``ShardedMoE`` (ZeRO-3) is invisible to that test, since the engine refuses ZeRO-3 for the class above.
+  Its expert parameters carry the per-parameter tags that DeepSpeed's ZeRO-3 honours for any parameter (the
+  ones its AutoEP layer sets): partitioned over the expert-data-parallel group instead of all ranks, gradients
+  averaged over the data-parallel size, the grad norm summed over the expert-parallel group. The trainer marks
+  the layer a ZeRO-3 leaf module (its parameters gathered once per call) and writes the per-expert checkpoint
+  files itself (``recipe.training.checkpointing``). Facts and measurements: ../shared/DEEPSPEED-SCALE.md §1.
 
 State dict: the router ``deepspeed_moe.gate.wg.weight`` (E, M), replicated, with aux-loss-free balancing its
 bias ``deepspeed_moe.gate.e_score_correction_bias`` (E,), replicated, and the local experts under
@@ -22,7 +30,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from ...config import BalanceLoss, CapacityPriority, NoisyGatePolicy, ScoreFunction, SecondExpertPolicy
-from .dispatch import LocalDispatcher, expert_parallel_dispatcher
+from .dispatch import LocalDispatcher, expert_data_parallel_group, expert_parallel_dispatcher
 from .experts import build_experts
 from .gating import (GateOutput, balancing_loss, check_routing_options, check_routing_policies, check_token_mask,
                      get_gate)
@@ -125,7 +133,7 @@ def _local_experts(expert: str, num_local_experts: int, hidden_size: int, interm
     return experts
 
 
-class MoE(DeepSpeedMoE):
+class MoEBase(nn.Module):
     """Mixture-of-Experts FFN with top-k gating (GShard semantics by default) and index-based dispatch.
 
     Args:
@@ -155,6 +163,7 @@ class MoE(DeepSpeedMoE):
     ``MoEOutput(output, l_aux, z_loss, stats)``.
 
     Options are checked here, once (ValueError); ``forward`` only checks the mask it is given.
+    Build ``MoE`` or ``ShardedMoE`` (below), which differ only in how the DeepSpeed engine sees them.
     """
 
     def __init__(
@@ -184,7 +193,7 @@ class MoE(DeepSpeedMoE):
         num_expert_groups: int = 1,
         topk_groups: int = 1,
     ):
-        nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ would build its own gate and experts
+        nn.Module.__init__(self)  # (in MoE: DeepSpeed's MoE.__init__ would build its own gate and experts)
         self.routing_options = dict(score_function=score_function, norm_topk_prob=norm_topk_prob,
                                     route_scale=route_scale, capacity_priority=capacity_priority,
                                     balance_loss=balance_loss, num_expert_groups=num_expert_groups,
@@ -287,3 +296,37 @@ class MoE(DeepSpeedMoE):
         if gate.l_aux is not None:
             return gate.l_aux
         return balancing_loss(kind, gate.gate_prob_mean, counts, gate.num_tokens, self.k)
+
+
+class MoE(MoEBase, DeepSpeedMoE):
+    """The layer for ZeRO stages 0-2 (and no engine): the DeepSpeed engine recognises it as an MoE layer.
+    ``MoEBase`` comes first in the bases, so its ``__init__``, ``forward`` and group set-up are the ones used."""
+
+
+# DeepSpeed's ZeRO-3 placement tags (the values its AutoEP layer gives routed experts): the family makes ZeRO-3
+# average expert gradients over the data-parallel size and sum their grad norm over the expert-parallel group;
+# the process group is what their partitions are split over.
+ZERO3_EXPERT_FAMILY = "autoep_expert"
+
+
+class ShardedMoE(MoEBase):
+    """The layer for ZeRO stage 3: not a ``deepspeed.moe.layer.MoE`` (the engine refuses ZeRO-3 for those), its
+    experts tagged so that ZeRO-3 partitions each over the ranks holding the same experts (expert-data-parallel
+    group) and reduces it there, as ZeRO-2 does for ``MoE``. Dense parameters (router included) are partitioned
+    over all ranks as usual."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.deepspeed_moe.experts.parameters():
+            if hasattr(param, "ds_id"):  # built under deepspeed.zero.Init: partitioned over all ranks already
+                raise RuntimeError("ShardedMoE was built inside deepspeed.zero.Init, which partitions each expert "
+                                   "over all ranks before the layer can tag it; build the model outside zero.Init")
+            param.ds_zero_placement_family = ZERO3_EXPERT_FAMILY
+            param.ds_zero_partition_group_name = self.expert_group_name
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by ``deepspeed.initialize`` before it partitions the parameters."""
+        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+        group = expert_data_parallel_group(self.ep_size)
+        for param in self.deepspeed_moe.experts.parameters():
+            param.ds_zero_partition_process_group = group
