@@ -4,7 +4,7 @@ tensor per parameter with global expert ids, and written into a live engine at a
 Why: ``--resume --reshard`` already moves weights, data position and LR schedule to a new layout; with the
 fp32 master weights and Adam moments moved too, training continues as if the layout had never changed.
 
-Source formats (what DeepSpeed 0.19 writes for our runs):
+Source formats (what DeepSpeed 0.19 writes for our runs; targets are the same engines, live):
 
 - ZeRO-1/2 (``zero_pp_rank_{R}_mp_rank_00_optim_states.pt``, one per rank) and bf16 without ZeRO
   (``bf16_zero_pp_rank_...``): per optimizer group a flat fp32 partition, the base optimizer's state of that
@@ -12,6 +12,10 @@ Source formats (what DeepSpeed 0.19 writes for our runs):
   parameter's full value is its fragments concatenated in partition order; non-expert groups are
   partitioned over all ranks, expert groups over the ranks holding the same experts (expert-data-parallel
   group), which is why each rank records its ``ep_rank`` / ``expert_dp_rank`` in ``recipe_rank{R}.pt``.
+- ZeRO-3 (``zero_pp_rank_{R}_mp_rank_00_optim_states.pt`` beside ``..._model_states.pt``): per optimizer
+  sub-group a flat fp32 partition and its Adam state, concatenating one partition of every parameter of the
+  sub-group (listed in the model-states file's ``param_shapes``); experts are split over their
+  expert-data-parallel group, dense weights over all ranks (ZeRO-3 records which, ``ds_zero_partition_groups``).
 - fp32 without ZeRO (``expp_rank_{E}_mp_rank_00_optim_states.pt``, one per expert-parallel rank): the torch
   optimizer's own state dict, keyed by parameter index; the names behind the indices are recorded by the
   trainer in ``recipe_rank{R}.pt`` (``optimizer_param_names``).
@@ -43,6 +47,10 @@ class ReshardError(ValueError):
 class OptimizerState:
     tensors: dict[str, dict[str, torch.Tensor]]  # quantity -> {global state-dict key: fp32 tensor}
     step: float  # optimizer steps taken (Adam's bias-correction count)
+
+
+# fragments[(ep_rank, local parameter name)][quantity] -> [(partition index, tensor)]
+Fragments = dict[tuple[int, str], dict[str, list[tuple[int, torch.Tensor]]]]
 
 
 # ---- local parameter names <-> per-expert keys with global ids ----
@@ -89,6 +97,8 @@ def read_optimizer_state(folder: str | Path, weights: dict[str, torch.Tensor], n
     zero_files = [_first_existing(folder, [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
                                            f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"])
                   for r in range(len(ranks))]
+    if ranks[0].zero_stage == 3:
+        return _read_zero3(folder, ranks, weights, num_local)
     if all(path is not None for path in zero_files):
         return _read_partitioned(zero_files, ranks, weights, num_local)
     torch_files = [folder / f"expp_rank_{e}_mp_rank_00_optim_states.pt" for e in range(ep_size)]
@@ -111,8 +121,7 @@ def _load(path: Path) -> dict:
 
 def _read_partitioned(files: list[Path], ranks: list[RankState], weights: dict[str, torch.Tensor],
                       num_local: int) -> OptimizerState:
-    # fragments[(ep_rank, name)][quantity] -> [(partition index, tensor)]
-    fragments: dict[tuple[int, str], dict[str, list[tuple[int, torch.Tensor]]]] = {}
+    fragments: Fragments = {}
     steps = set()
     for path, coords in zip(files, ranks):
         saved = _load(path)["optimizer_state_dict"]
@@ -120,10 +129,7 @@ def _read_partitioned(files: list[Path], ranks: list[RankState], weights: dict[s
         group_states = [base["state"][g] for g in range(len(saved["param_slice_mappings"]))] \
             if isinstance(base, dict) else base  # torch state dict, or the elastic per-group list
         for g, mapping in enumerate(saved["param_slice_mappings"]):
-            unknown = set(group_states[g]) - {"step", "exp_avg", "exp_avg_sq"}
-            if unknown:
-                raise ReshardError(f"{path.name} holds optimizer state {sorted(unknown)}; only Adam/AdamW state "
-                                   f"(step, exp_avg, exp_avg_sq) is carried across layouts")
+            _check_adam(group_states[g], path.name)
             flat = {"fp32": saved["single_partition_of_fp32_groups"][g],
                     "exp_avg": group_states[g]["exp_avg"], "exp_avg_sq": group_states[g]["exp_avg_sq"]}
             steps.add(float(group_states[g]["step"]))
@@ -134,6 +140,13 @@ def _read_partitioned(files: list[Path], ranks: list[RankState], weights: dict[s
                 entry = fragments.setdefault((owner, name), {q: [] for q in QUANTITIES})
                 for q in QUANTITIES:
                     entry[q].append((partition, flat[q].narrow(0, address.start, address.numel).float()))
+    return _assemble(fragments, steps, weights, num_local, padded=False)
+
+
+def _assemble(fragments: Fragments, steps: set, weights: dict[str, torch.Tensor], num_local: int,
+              padded: bool) -> OptimizerState:
+    """Each parameter's fragments concatenated in partition order, under global keys. ``padded``: ZeRO-3 gives
+    every partition ceil(n / partitions) values, so the last holds fewer than one value per partition of padding."""
     if len(steps) != 1:
         raise ReshardError(f"optimizer groups disagree on the step count ({sorted(steps)})")
     tensors: dict[str, dict[str, torch.Tensor]] = {q: {} for q in QUANTITIES}
@@ -144,11 +157,51 @@ def _read_partitioned(files: list[Path], ranks: list[RankState], weights: dict[s
             if len({index for index, _ in parts}) != len(parts):
                 raise ReshardError(f"{name}: two optimizer shards claim the same partition")
             full = torch.cat([t for _, t in parts])
-            if full.numel() != shape.numel():
+            padding = full.numel() - shape.numel()
+            if not (0 <= padding < len(parts) if padded else padding == 0):
                 raise ReshardError(f"{name}: optimizer fragments hold {full.numel()} values, the parameter "
                                    f"{shape.numel()}; a shard is missing")
-            tensors[q].update(to_global_keys(name, full.view(shape), ep_rank, num_local))
+            tensors[q].update(to_global_keys(name, full[:shape.numel()].view(shape), ep_rank, num_local))
     return OptimizerState(tensors=tensors, step=steps.pop())
+
+
+def _read_zero3(folder: Path, ranks: list[RankState], weights: dict[str, torch.Tensor],
+                num_local: int) -> OptimizerState:
+    """ZeRO-3 (``zero_pp_rank_{R}_mp_rank_00_optim_states.pt``): per optimizer sub-group, each rank's flat fp32
+    partition and Adam state concatenate every parameter's partition, in the order its model-states file lists
+    the sub-group's parameters (``param_shapes``); a parameter of n values split over p ranks has ceil(n / p) of
+    them on each. Which ranks split a sub-group is ZeRO-3's own record (``ds_zero_partition_groups``): all ranks
+    for dense weights, the expert-data-parallel group for experts (``ShardedMoE``)."""
+    fragments: Fragments = {}
+    steps = set()
+    for rank, coords in enumerate(ranks):
+        saved = _load(folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+        shapes = _load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")["param_shapes"]
+        placement = {entry["sub_group"]: entry for entry in saved["ds_zero_partition_groups"]}
+        if len(shapes) != len(saved["fp32_flat_groups"]) or set(placement) != set(range(len(shapes))):
+            raise ReshardError(f"rank {rank}'s ZeRO-3 files disagree on the optimizer sub-groups")
+        for group, names in enumerate(shapes):
+            state = saved["optimizer_state_dict"]["state"][group]
+            _check_adam(state, f"rank {rank}'s ZeRO-3 state")
+            steps.add(float(state["step"]))
+            flat = {"fp32": saved["fp32_flat_groups"][group], "exp_avg": state["exp_avg"],
+                    "exp_avg_sq": state["exp_avg_sq"]}
+            count, index, offset = placement[group]["partition_count"], placement[group]["partition_rank"], 0
+            for name, shape in names.items():
+                size = -(-shape.numel() // count)
+                owner = coords.ep_rank if is_expert_parameter(name) else 0
+                entry = fragments.setdefault((owner, name), {q: [] for q in QUANTITIES})
+                for q in QUANTITIES:
+                    entry[q].append((index, flat[q].narrow(0, offset, size).float()))
+                offset += size
+    return _assemble(fragments, steps, weights, num_local, padded=True)
+
+
+def _check_adam(state: dict, where: str) -> None:
+    unknown = set(state) - {"step", "exp_avg", "exp_avg_sq"}
+    if unknown:
+        raise ReshardError(f"{where} holds optimizer state {sorted(unknown)}; only Adam/AdamW state "
+                           f"(step, exp_avg, exp_avg_sq) is carried across layouts")
 
 
 def _read_torch_optimizer(files: list[Path], ranks: list[RankState], num_local: int) -> OptimizerState:
@@ -179,7 +232,7 @@ def _read_torch_optimizer(files: list[Path], ranks: list[RankState], num_local: 
 @torch.no_grad()
 def load_optimizer_state(engine, state: OptimizerState, ep_rank: int, num_local_experts: int) -> None:
     """Write ``state`` into ``engine``'s optimizer at this rank's layout (call after ``deepspeed.initialize``,
-    before the first step; no communication).
+    before the first step, on every rank: ZeRO-3 gathers its persistent parameters afterwards).
 
     ZeRO-1/2 and DeepSpeed's bf16 optimizer keep one flat fp32 partition per group and map every parameter
     onto its fragment of it (``param._hp_mapping``: where the fragment starts in the parameter and in the
@@ -189,7 +242,9 @@ def load_optimizer_state(engine, state: OptimizerState, ep_rank: int, num_local_
     """
     params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
     optimizer = engine.optimizer
-    if all(hasattr(p, "_hp_mapping") for _, p in params):  # None where this rank's partition holds none of p
+    if all(hasattr(p, "ds_id") for _, p in params):
+        _load_zero3(optimizer, params, state, ep_rank, num_local_experts)
+    elif all(hasattr(p, "_hp_mapping") for _, p in params):  # None where this rank's partition holds none of p
         base = optimizer.optimizer
         for group in base.param_groups:
             for flat in group["params"]:
@@ -224,6 +279,30 @@ def load_optimizer_state(engine, state: OptimizerState, ep_rank: int, num_local_
     else:
         raise ReshardError(f"optimizer {type(optimizer).__name__} keeps its state in a form this loader does "
                            f"not know (fp16 without ZeRO?)")
+
+
+def _load_zero3(optimizer, params, state: OptimizerState, ep_rank: int, num_local_experts: int) -> None:
+    """ZeRO-3: each parameter's partition of the master weights and moments (ceil(n / partitions) values of the
+    flattened tensor, the last padded), found through the optimizer's own map from parameter to sub-group slice;
+    then the module's 16-bit partitions follow the masters, as after an optimizer step."""
+    base = optimizer.optimizer
+    for flat in optimizer.fp32_partitioned_groups_flat:
+        entry = base.state[flat]
+        for q in ("exp_avg", "exp_avg_sq"):
+            entry.setdefault(q, torch.zeros_like(flat))
+        _set_step(entry, state.step)
+    for name, p in params:
+        index = optimizer._get_param_partition_rank(p)
+        for q, values in state.tensors.items():
+            target, _ = optimizer._get_fp32_opt_state_partition(p, False, None if q == "fp32" else q)
+            full = from_global_keys(name, values, ep_rank, num_local_experts).reshape(-1)
+            start = index * target.numel()
+            piece = full[start:start + target.numel()]
+            target[:piece.numel()].copy_(piece)
+    if "fp32" in state.tensors:
+        for group in range(len(optimizer.fp32_partitioned_groups_flat)):
+            optimizer._reassign_or_swap_out_partitioned_parameters(group)
+        optimizer.checkpoint_event_epilogue()  # parameters kept whole on every rank are gathered anew
 
 
 def _set_step(entry: dict, step: float) -> None:

@@ -21,12 +21,12 @@ pytestmark = pytest.mark.multirank
 STEPS = 4
 
 
-def _ds_json(path, base: str, **zero):
+def _ds_json(path, base: str, train_micro_batch_size_per_gpu: int = 2, **zero):
     """ds_configs/<base> at micro batch 2, a constant rate (no scheduler: every step moves the weights) and a clip
     norm of 0.05 (the tiny model's norm is ~1: clipping scales every update)."""
     raw = json.loads((ROOT / "ds_configs" / base).read_text())
     raw.pop("scheduler")
-    raw.update(train_micro_batch_size_per_gpu=2, gradient_clipping=0.05)
+    raw.update(train_micro_batch_size_per_gpu=train_micro_batch_size_per_gpu, gradient_clipping=0.05)
     raw["zero_optimization"].update(zero)
     path.write_text(json.dumps(raw))
     return path
@@ -45,7 +45,11 @@ def _launch_untagged(config, ds, run_dir):
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero3")
-    config = write_config(tmp / "cfg.py", tiny_data, train=dict(steps=STEPS, save_every=2, eval_every=STEPS))
+    # Width 30 over 3 heads: the norms' 30 values do not split evenly over 4 ranks (ZeRO-3 pads the last partition).
+    # Dropless: the resharded runs route their tokens on 2 ranks as the source did on 4 (a capacity is per rank).
+    config = write_config(tmp / "cfg.py", tiny_data, model=dict(hidden_size=30, num_attention_heads=3,
+                                                                moe_drop_tokens=False),
+                          train=dict(steps=STEPS, save_every=2, eval_every=STEPS))
     zero2 = _ds_json(tmp / "zero2.json", "zero2_fp32_ep2.json")
     # Threshold 0: every parameter is partitioned (the tiny model's would all stay whole under the default 1e5).
     zero3 = _ds_json(tmp / "zero3.json", "zero3_fp32_ep2.json", stage3_param_persistence_threshold=0)
@@ -53,13 +57,27 @@ def runs(tiny_data, tmp_path_factory):
     launch(4, config, zero3, tmp / "zero3")
     _launch_untagged(config, zero3, tmp / "untagged")
     # Resume the ZeRO-3 run from its step-2 checkpoint in a copy holding only that one.
-    resumed = tmp / "resumed"
-    shutil.copytree(tmp / "zero3", resumed)
-    shutil.rmtree(resumed / "checkpoints" / f"step{STEPS:08d}")
-    (resumed / "checkpoints" / "latest").write_text("step00000002")
-    proc = launch(4, config, zero3, resumed, "--resume")
+    proc = launch(4, config, zero3, _copy_at_step_2(tmp / "zero3", tmp / "resumed"), "--resume")
     assert "resumed from step00000002" in proc.stdout
+    # --reshard from step 2: ZeRO-3 on 4 ranks into ZeRO-2 on 2 (same global batch), and ZeRO-2 into ZeRO-3.
+    _reshard(tmp / "zero3", tmp / "to_zero2", config, _ds_json(tmp / "zero2_2ranks.json", "zero2_fp32_ep2.json",
+                                                                 train_micro_batch_size_per_gpu=4), nproc=2)
+    _reshard(tmp / "zero2", tmp / "to_zero3", config, zero3, nproc=4)
     return tmp
+
+
+def _reshard(source, run_dir, config, ds, nproc: int) -> None:
+    """``source`` resumed from its step-2 checkpoint with --reshard at another layout, in ``run_dir``."""
+    proc = launch(nproc, config, ds, _copy_at_step_2(source, run_dir), "--resume", "--reshard")
+    assert "fp32 master weights, Adam moments" in proc.stdout, proc.stdout[-2000:]
+
+
+def _copy_at_step_2(source, run_dir):
+    """A copy of run ``source`` whose only checkpoint is step 2 (its metrics.jsonl kept: the resumed run appends)."""
+    shutil.copytree(source, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / f"step{STEPS:08d}")
+    (run_dir / "checkpoints" / "latest").write_text("step00000002")
+    return run_dir
 
 
 def _relative(a: float, b: float) -> float:
@@ -135,3 +153,15 @@ def test_zero3_checkpoint_has_the_per_expert_layout_and_exports(runs):
     assert proc.returncode == 0, proc.stderr
     exported = torch.load(out, weights_only=False)["model"]
     assert all(torch.equal(exported[k], state3[k]) for k in state3)
+
+
+@pytest.mark.parametrize("resharded,reference", [("to_zero2", "zero3"), ("to_zero3", "zero2")])
+def test_reshard_between_zero3_and_zero2_continues_equal(runs, resharded, reference):
+    """Weights, fp32 masters, Adam moments, data position and schedule carried: the resharded run's steps 3-4 are
+    the source layout's (fp32; the reduction order differs between layouts)."""
+    source, _ = read_metrics(runs / reference)
+    moved, _ = read_metrics(runs / resharded)
+    assert [r["step"] for r in moved] == list(range(1, STEPS + 1))
+    for a, b in zip(moved[2:], source[2:], strict=True):
+        assert _relative(a["loss"], b["loss"]) < 1e-5, (a, b)
+        assert _relative(a["grad_norm"], b["grad_norm"]) < 1e-5, (a, b)
