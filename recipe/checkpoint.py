@@ -13,6 +13,10 @@ Layout under ``<run_dir>/checkpoints/``::
         *_optim_states.pt                    ZeRO / optimizer shards (DeepSpeed)
         recipe_rank{R}.pt                    data position and RNG state of rank R (ours)
 
+Under ZeRO-3 the engine writes ``zero_pp_rank_{R}_mp_rank_00_model_states.pt`` per rank (parameter placeholders,
+schedule, client state) and the trainer writes the two model files above itself, from gathered weights, so the
+readers below work the same for every stage (``recipe.training.checkpointing.write_gathered_weights``).
+
 Crash safety: a save goes into its own tag folder; only after all ranks finished and rank 0 checked the
 files does ``commit`` write ``COMPLETE`` and then replace ``latest`` (write-to-temp + rename), so a
 crash at any moment leaves ``latest`` on a complete checkpoint. Older checkpoints are pruned only after

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
-from recipe.model.moe import (MoE, ModuleListExperts, SwiGLU, SwiGLUExperts, register_expert, register_gate,
-                              top_k_gating)
+from recipe.model.moe import (MoE, MoEBase, ModuleListExperts, ShardedMoE, SwiGLU, SwiGLUExperts, register_expert,
+                              register_gate, top_k_gating)
 from recipe.model.moe import gating, layer
 from recipe.model.moe.experts import run_experts_indexed
 
@@ -202,6 +202,54 @@ def test_recognised_by_deepspeed_and_params_tagged():
     assert not hasattr(moe.deepspeed_moe.gate.wg.weight, "allreduce")
     with pytest.raises(RuntimeError, match="expert-parallel group"):
         moe(torch.randn(4, 16))
+
+
+def test_zero3_layer_is_invisible_to_deepspeeds_moe_check_and_its_experts_carry_placement_tags():
+    """ShardedMoE: the same layer (state dict, output) without DeepSpeed's MoE base (the engine refuses ZeRO-3 for
+    that class), its experts tagged for ZeRO-3's per-parameter placement, the router left to the default."""
+    torch.manual_seed(0)
+    plain = MoE(16, 4, k=2, intermediate_size=24)
+    sharded = ShardedMoE(16, 4, k=2, intermediate_size=24)
+    assert isinstance(sharded, MoEBase) and not isinstance(sharded, DeepSpeedMoE)
+    experts = list(sharded.deepspeed_moe.experts.parameters())
+    assert all(p.ds_zero_placement_family == "autoep_expert" and p.ds_zero_partition_group_name == "ep_size_1"
+               and p.allreduce is False for p in experts)
+    assert not hasattr(sharded.deepspeed_moe.gate.wg.weight, "ds_zero_placement_family")
+    assert not hasattr(plain.deepspeed_moe.experts.w1, "ds_zero_placement_family")
+    sharded.load_state_dict(plain.state_dict())
+    assert sharded.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(10, 16)
+    assert torch.equal(sharded(x).output, plain(x).output)
+
+
+def test_zero3_layer_refuses_experts_partitioned_before_it_could_tag_them(monkeypatch):
+    """Built inside deepspeed.zero.Init, each expert is converted (partitioned over all ranks) when its own module
+    is built, before ShardedMoE's tags could choose its group: refused."""
+    build = layer.build_experts
+
+    def converted(*args):
+        experts = build(*args)
+        for p in experts.parameters():
+            p.ds_id = 0  # what zero.Init gives every parameter it converts
+        return experts
+
+    monkeypatch.setattr(layer, "build_experts", converted)
+    with pytest.raises(RuntimeError, match="built inside deepspeed.zero.Init"):
+        ShardedMoE(16, 4, k=2, intermediate_size=24)
+    MoE(16, 4, k=2, intermediate_size=24)  # the ZeRO 0-2 layer has no tags to place
+
+
+def test_state_dict_keeps_a_zero3_placeholder_stacked():
+    """Outside a gather a ZeRO-3 parameter is an empty placeholder: the state dict keeps its stacked key (what the
+    engine's own model-states file holds) instead of failing to slice it; gathered, it shows per-expert keys."""
+    moe = MoE(16, 4, k=2, intermediate_size=24)
+    w1 = moe.deepspeed_moe.experts.w1
+    w1.ds_numel = w1.numel()
+    assert "deepspeed_moe.experts.deepspeed_experts.0.w1.weight" in moe.state_dict()  # gathered: full size
+    w1.data = torch.empty(0)
+    state = moe.state_dict()
+    assert state["deepspeed_moe.experts.w1"].numel() == 0
+    assert "deepspeed_moe.experts.deepspeed_experts.0.w3.weight" in state  # the others as before
 
 
 def test_state_dict_is_per_expert_and_round_trips():

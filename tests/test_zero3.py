@@ -1,6 +1,7 @@
 """ZeRO-3 with MoE and expert parallelism (``ShardedMoE``): 4 ranks, EP=2 (expert-data-parallel groups of 2),
 fp32, gradient clipping firing at every step, equal to ZeRO-2 on the same ranks; a negative control without the
-placement tags; a bitwise resume; the checkpoint in the recipe's per-expert layout (export reads it).
+placement tags; a bitwise resume; the checkpoint in the recipe's per-expert layout (export and generate read it);
+--reshard from and to ZeRO-3 continuing equal.
 
 One module-scoped set of launches serves every assertion (each launch is 30-60 s on the 2-core machine)."""
 from __future__ import annotations
@@ -153,6 +154,9 @@ def test_zero3_checkpoint_has_the_per_expert_layout_and_exports(runs):
     assert proc.returncode == 0, proc.stderr
     exported = torch.load(out, weights_only=False)["model"]
     assert all(torch.equal(exported[k], state3[k]) for k in state3)
+    proc = subprocess.run([sys.executable, "-m", "recipe.generate", "--run_dir", str(runs / "zero3"),
+                           "--max_new_tokens", "4"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "sample" in proc.stdout, proc.stderr
 
 
 @pytest.mark.parametrize("resharded,reference", [("to_zero2", "zero3"), ("to_zero3", "zero2")])

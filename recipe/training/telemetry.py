@@ -37,15 +37,16 @@ def deepspeed_log_level(environ=os.environ) -> int:
 def quiet_deepspeed() -> None:
     """Keep the console to the recipe's lines: DeepSpeed's log records below ``MOE_RECIPE_DS_LOG`` are dropped
     (by default its warnings too: "Setting accelerator to CPU", "Attempting to get learning rate from scheduler
-    before it has started", which every rank would print) and so is a deprecation warning DeepSpeed triggers
-    inside torch on every ZeRO step. Called before deepspeed is imported (a logger filter outlives the level
-    reset of the import) and again after, when the logger's handler exists: ``info`` / ``debug`` lower it."""
+    before it has started", which every rank would print) and so are the deprecation warnings DeepSpeed triggers
+    inside torch on every ZeRO step. Called before deepspeed is imported (a logger filter outlives the level reset
+    of the import) and again after, when the logger's handler exists: ``info`` / ``debug`` lower it."""
     level, ds_logger = deepspeed_log_level(), logging.getLogger("DeepSpeed")
     drop_deepspeed_records_below(level)
     if level < logging.WARNING:  # DeepSpeed's handler stops below WARNING by itself
         for target in (ds_logger, *ds_logger.handlers):
             target.setLevel(level)
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    for collective in ("all_gather_into_tensor", "reduce_scatter_tensor"):  # ZeRO-1/2, ZeRO-3
+        warnings.filterwarnings("ignore", message=f".*{collective}.*", category=FutureWarning)
 
 
 def is_global_rank_zero(environ=os.environ) -> bool:
