@@ -1,0 +1,293 @@
+"""recipe.memory: the per-rank estimate against what real DeepSpeed engines hold, the activation estimate against
+the tensors autograd saves, the ZeRO arithmetic, and the command line.
+
+Engines run on one rank, in a process of their own (a gloo process group; the test process stays without one).
+Each case builds the trainer's engine (``build_job``), runs forward/backward/step once (the optimizer's moments
+exist from then on), then a second forward/backward, measuring at the backward's peak (entering the gradient
+all-reduce and ZeRO's reduction epilogue), after it, and inside the optimizer's step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import ROOT, TINY_MODEL, _free_port, write_config, write_ds_config
+from recipe.config import config_from_dict, load_config, parameter_counts
+from recipe.ds_config import DSConfig
+from recipe.memory import RankMemory, activation_bytes, estimate, main, parameter_shapes
+from recipe.model.expert_keys import is_expert_parameter
+
+SCHEDULE = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 10}}
+SMALL_BUCKET = {"reduce_bucket_size": 20_000}  # elements: fewer than the tiny model's 96,672 gradients
+# Engine cases: (ds_config base, zero_optimization changes). 1/2 in fp32 with a bucket smaller than the model,
+# so that the backward-peak comparison is not the default 5e8-element bucket alone; ZeRO-3 (ShardedMoE) needs
+# a ds_config check that accepts stage 3 with MoE.
+ENGINE_CASES = {
+    "zero0_fp32": ("zero0_fp32.json", {}), "zero0_bf16": ("zero0_bf16.json", {}),
+    "zero1_fp32": ("zero1_fp32.json", SMALL_BUCKET), "zero1_bf16": ("zero1_bf16.json", {}),
+    "zero2_fp32": ("zero2_fp32.json", SMALL_BUCKET), "zero2_bf16": ("zero2_bf16.json", {}),
+    "zero3_fp32": ("zero2_fp32.json", {"stage": 3}), "zero3_bf16": ("zero2_bf16.json", {"stage": 3}),
+}
+
+
+def _measure_case(argv: list[str]) -> dict:
+    """One engine: RankMemory after a backward, the largest at the backward's peak and inside the optimizer step,
+    and the largest flat copy the ZeRO-0 all-reduce made."""
+    from recipe.memory import measure_engine
+    from recipe.train import parse_args
+    from recipe.training.build import build_job
+    from recipe.training.distributed import Ranks
+    from recipe.training.plan import plan_run
+
+    plan = plan_run(parse_args(argv))
+    engine = build_job(plan, Ranks(rank=0, world_size=1)).engine
+    peaks: dict[str, RankMemory] = {}
+
+    def measured_before(owner, method: str, label: str) -> None:
+        original = getattr(owner, method)
+
+        def wrapper(*args, **kwargs):
+            now = measure_engine(engine)
+            if label not in peaks or now.grads + now.buffers > peaks[label].grads + peaks[label].buffers:
+                peaks[label] = now
+            return original(*args, **kwargs)
+        setattr(owner, method, wrapper)
+
+    measured_before(engine, "allreduce_gradients", "backward")
+    if hasattr(engine.optimizer, "independent_gradient_partition_epilogue"):
+        measured_before(engine.optimizer, "independent_gradient_partition_epilogue", "backward")
+    measured_before(engine.basic_optimizer, "step", "step")
+    flat_copies = []  # bytes of each flat copy the ZeRO-0 all-reduce makes of a bucket of gradients
+    allreduce_bucket = engine.allreduce_bucket
+
+    def recorded_allreduce_bucket(bucket, *args, **kwargs):
+        flat_copies.append(sum(t.numel() * t.element_size() for t in bucket))
+        return allreduce_bucket(bucket, *args, **kwargs)
+    engine.allreduce_bucket = recorded_allreduce_bucket
+    tokens = torch.randint(0, TINY_MODEL["vocab_size"], (plan.ds.micro_batch_size, plan.config.data.seq_len),
+                           generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # the second backward and step see the moments the first step created
+        peaks.clear()
+        flat_copies.clear()
+        engine.backward(engine(tokens, tokens).lm_loss)
+        after = measure_engine(engine)
+        engine.step()
+    return {"estimate": dataclasses.asdict(estimate(plan.config, plan.ds, 1, device_type="cpu")),
+            "after": dataclasses.asdict(after), "peaks": {k: dataclasses.asdict(v) for k, v in peaks.items()},
+            "flat_copy": max(flat_copies, default=0)}
+
+
+def _worker(rank: int, port: int, cases: dict, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      LOCAL_SIZE="1")
+    import deepspeed
+
+    from recipe.config import ConfigError
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    results = {}
+    for name, argv in cases.items():
+        try:
+            results[name] = _measure_case(argv)
+        except ConfigError as exc:  # e.g. a tree whose ds_config still refuses ZeRO-3 with MoE
+            results[name] = {"error": str(exc)}
+    torch.save(results, out_path)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_data, tmp_path_factory) -> dict:
+    """{case: figures} of ENGINE_CASES on the tiny MoE (ep_size 1, micro-batch 2 x 16 tokens), one process."""
+    tmp = tmp_path_factory.mktemp("memory")
+    config = write_config(tmp / "cfg.py", tiny_data)
+    cases = {}
+    for name, (base, zero) in ENGINE_CASES.items():
+        zero_optimization = {**json.loads((ROOT / "ds_configs" / base).read_text())["zero_optimization"], **zero}
+        ds = write_ds_config(tmp / f"{name}.json", base=base, scheduler=SCHEDULE, train_micro_batch_size_per_gpu=2,
+                             moe_recipe={"ep_size": 1}, zero_optimization=zero_optimization)
+        cases[name] = ["--config", str(config), "--ds_config", str(ds), "--run_dir", str(tmp / f"run_{name}")]
+    out_path = tmp / "results.pt"
+    mp.spawn(_worker, args=(_free_port(), cases, str(out_path)), nprocs=1, join=True)
+    return torch.load(out_path, weights_only=False)
+
+
+def _close(estimated: int, measured: int, rel: float = 0.10) -> bool:
+    return abs(estimated - measured) <= rel * max(measured, 1)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("name", list(ENGINE_CASES))
+def test_estimate_matches_what_the_engine_holds(engines, name):
+    result = engines[name]
+    assert "error" not in result, result.get("error")
+    est, after, peaks = result["estimate"], result["after"], result["peaks"]
+    for field in ("dense_params", "expert_params", "grads", "optimizer"):
+        assert _close(est[field], after[field]), (name, field, est[field], after[field])
+    # The backward's peak: gradients plus the reduce bucket (ZeRO 1-3) and ZeRO-1's not yet reduced gradients;
+    # the ZeRO-0 all-reduce's flat copy is made inside one call, so its size is recorded there.
+    backward = peaks["backward"]["grads"] + peaks["backward"]["buffers"]
+    if name.startswith("zero0"):
+        assert _close(est["buffers"], result["flat_copy"]), (name, est["buffers"], result["flat_copy"])
+    else:  # (ZeRO-3 gathers nothing on one rank: each partition is its whole parameter)
+        assert _close(est["grads"] + est["buffers"], backward), (name, est, peaks["backward"])
+    # Inside the step: fp32 gradient copies (all of them for ZeRO-0 bf16; one group's, at most, for ZeRO-1/2).
+    step_extra = peaks["step"]["grads"] - after["grads"]
+    assert step_extra <= est["step_buffers"] * 1.1 + 64, (name, step_extra, est["step_buffers"])
+    if name in ("zero0_bf16", "zero3_fp32", "zero3_bf16"):
+        assert _close(est["step_buffers"], step_extra), (name, step_extra, est["step_buffers"])
+
+
+@pytest.mark.multirank
+def test_a_misattributed_estimate_is_caught(engines, monkeypatch):
+    """Negative control: with every parameter counted as dense, the same comparison fails by far."""
+    import recipe.memory
+
+    monkeypatch.setattr(recipe.memory, "is_expert_parameter", lambda name: False)
+    config = config_from_dict({"model_type": "INTERNLM_MoE", "model": TINY_MODEL, "data": {"seq_len": 16}})
+    measured = engines["zero0_fp32"]["after"]
+    wrong = estimate(config, _ds(0, "fp32", ep_size=1, micro_batch=2), 1)
+    assert not _close(wrong.dense_params, measured["dense_params"])
+    assert not _close(wrong.expert_params, measured["expert_params"])
+
+
+def _ds(stage: int, precision: str, ep_size: int, micro_batch: int = 1, **zero) -> DSConfig:
+    """A resolved ds_config written out directly (no world-size checks): what the arithmetic tests need."""
+    deepspeed = {"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": stage, **zero}}
+    if precision != "fp32":
+        deepspeed[precision] = {"enabled": True}
+    return DSConfig(path="<test>", deepspeed=deepspeed, ep_size=ep_size, precision=precision, zero_stage=stage,
+                    micro_batch_size=micro_batch, grad_accum_steps=1)
+
+
+def test_zero_stages_divide_what_they_should():
+    """ZeRO-2 at 4 ranks holds a quarter of ZeRO-0's gradients plus the parameters crossing its partition's edges,
+    kept whole (here the 0.5M-element embedding or head: 0.33), and 3/8 of its optimizer bytes (master + 2 moments
+    over 4 ranks, against 2 moments whole); parameters stay whole."""
+    config = load_config(ROOT / "recipe" / "configs" / "tiny_finegrained.py")
+    zero0, zero2 = estimate(config, _ds(0, "fp32", 1), 4), estimate(config, _ds(2, "fp32", 1), 4)
+    assert zero2.params == pytest.approx(zero0.params, rel=1e-3)
+    assert 0.25 <= zero2.grads / zero0.grads <= 0.35
+    assert zero2.optimizer / zero0.optimizer == pytest.approx(3 / 8, rel=1e-3)
+    assert zero0.buffers < zero0.grads and zero2.buffers == 500_000_000 * 4  # flat copy; the default bucket
+
+
+def test_expert_bytes_at_zero3_and_zero1():
+    """World 4, ep 2: ZeRO-3 partitions each rank's experts over its 2-rank expert-data-parallel group (total / 4
+    per rank); ZeRO-1 keeps them whole (total / 2)."""
+    config = load_config(ROOT / "recipe" / "configs" / "tiny_moe.py")
+    total_expert_bytes = 2 * sum(torch.Size(shape).numel() for name, shape in parameter_shapes(config, ep_size=1)
+                                 if is_expert_parameter(name))
+    zero3 = estimate(config, _ds(3, "bf16", 2, stage3_param_persistence_threshold=0), 4)
+    zero1 = estimate(config, _ds(1, "bf16", 2), 4)
+    assert zero3.expert_params == total_expert_bytes // 4
+    assert zero1.expert_params == pytest.approx(total_expert_bytes / 2, abs=2 * 2 * 2)  # flat padded to 2·dp
+
+
+SHAPE_CONFIGS = {
+    "tiny_moe, ep 2": ("tiny_moe.py", [], 2),
+    "tiny_finegrained": ("tiny_finegrained.py", [], 1),
+    "tiny_dense": ("tiny_dense.py", [], 1),
+    "qk norm, GQA, qkv bias, tied, shared gate, dense first": (
+        "tiny_moe.py", ["model.qk_norm='head'", "model.num_key_value_heads=2", "model.qkv_bias=True",
+                        "model.tie_word_embeddings=True", "model.moe_num_shared_experts=1",
+                        "model.moe_shared_expert_gate=True", "model.moe_dense_first_layers=1"], 1),
+    "full qk norm, head_dim, every 2nd layer": (
+        "tiny_moe.py", ["model.qk_norm='full'", "model.head_dim=16", "model.moe_layer_freq=2"], 2),
+    "DeepSpeed's layer": ("tiny_moe.py", ["model.moe_impl='deepspeed'", "model.moe_balance_over_data_parallel=False"],
+                          2),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPE_CONFIGS))
+def test_parameter_shapes_are_the_models(name):
+    from recipe.model.transformer import TransformerLM
+
+    file, overrides, ep_size = SHAPE_CONFIGS[name]
+    config = load_config(ROOT / "recipe" / "configs" / file, overrides)
+    model = TransformerLM(config, ep_size=ep_size)
+    assert parameter_shapes(config, ep_size) == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    total = sum(torch.Size(shape).numel() for _, shape in parameter_shapes(config, ep_size=1))
+    assert total == parameter_counts(config)["total"]
+
+
+def _saved_bytes(config, micro_batch: int, dtype: torch.dtype) -> int:
+    """Bytes of the unique storages autograd saves in one training forward (parameters excluded), plus the logits."""
+    from recipe.model.transformer import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(config).to(dtype).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens = torch.randint(0, config.model.vocab_size, (micro_batch, config.data.seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(tokens, tokens)
+    saved[out.logits.untyped_storage().data_ptr()] = out.logits.untyped_storage().nbytes()
+    return sum(saved.values())
+
+
+ACTIVATION_CASES = {
+    "tiny MoE fp32": (None, [], torch.float32),
+    "tiny MoE bf16": (None, [], torch.bfloat16),
+    "tiny MoE, checkpointing": (None, ["model.checkpoint=True"], torch.float32),
+    "fine-grained, shared expert, k=4": ("tiny_finegrained.py", [], torch.float32),
+    "dense": ("tiny_dense.py", [], torch.bfloat16),
+    "qk norm, GQA, shared gate": ("tiny_moe.py", ["model.qk_norm='head'", "model.num_key_value_heads=2",
+                                                  "model.moe_num_shared_experts=1", "model.moe_shared_expert_gate=True",
+                                                  "data.seq_len=64"], torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATION_CASES))
+def test_activation_estimate_is_what_autograd_saves(name):
+    file, overrides, dtype = ACTIVATION_CASES[name]
+    if file is None:
+        raw = {"model_type": "INTERNLM_MoE", "model": TINY_MODEL, "data": {"seq_len": 16}}
+        config = config_from_dict(raw, overrides)
+    else:
+        config = load_config(ROOT / "recipe" / "configs" / file, overrides)
+    estimated = activation_bytes(config, 2, 4 if dtype == torch.float32 else 2, device_type="cpu")
+    assert estimated.saved == pytest.approx(_saved_bytes(config, 2, dtype), rel=0.15)
+    assert estimated.peak > estimated.saved
+
+
+def _plan(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["--config", str(ROOT / "recipe" / "configs" / "qwen3_moe_30b_a3b.py"), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("nproc, ep_size, ds_config", [(8, 8, "zero1_bf16_ep2.json"), (64, 8, "zero2_bf16.json")])
+def test_the_command_plans_the_30b_model(capsys, nproc, ep_size, ds_config):
+    code, out, err = _plan(capsys, "--ds_config", str(ROOT / "ds_configs" / ds_config), "--nproc", str(nproc),
+                           "--ep_size", str(ep_size))
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    total_params = float(header.split(" params")[0].split()[-1].rstrip("M")) * 1e6
+    assert total_params / 1e9 == pytest.approx(30.5, rel=0.01)  # the config's documented ~30.5B
+    assert f"{nproc} ranks, ep_size {ep_size}" in header
+    labels = [row.split("  ")[1].strip() for row in rows[1:]]
+    assert labels == ["parameters, dense", "parameters, experts", "gradients", "optimizer state",
+                      "communication buffers", "activations", "optimizer step", "total"]
+    assert f"{128 // ep_size} of 128 per MoE layer" in out
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--ds_config", "ds_configs/nope.json", "--nproc", "8"], "ds_configs/nope.json not found"),
+    (["--ds_config", str(ROOT / "ds_configs" / "zero1_bf16_ep2.json"), "--nproc", "8", "--ep_size", "3"],
+     "does not divide"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, args, problem):
+    code, out, err = _plan(capsys, *args)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and problem in err and err.startswith("error: ")
