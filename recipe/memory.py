@@ -18,8 +18,11 @@ What DeepSpeed 0.19.8 allocates, per stage (read from its code, measured on real
 * ZeRO-1/2 (``DeepSpeedZeroOptimizer``): each optimizer group (decay, no-decay, experts: DeepSpeed's split) is one
   flat buffer of module-dtype parameters on every rank, padded to 2·dp elements; a separate fp32 master partition
   (even in fp32 training) and the moments, over dp (dense: all ranks; experts: the expert-data-parallel group).
-  After backward a rank holds the gradients of every parameter that overlaps its partition, whole; ZeRO-1 holds
-  every gradient, full size, until the end of backward. Backward allocates a reduce bucket of
+  After backward (ZeRO-1 and 2 alike) a rank holds the gradients of every parameter that overlaps its partition,
+  whole: one module-dtype buffer (``grads_in_partition``) of them, over all groups, that the step's partition
+  slices (``averaged_gradients``) keep alive, plus zeros where no parameter fills a partition; gradients outside
+  it are dropped (the expert groups' partitions are over the expert-data-parallel group). ZeRO-1 holds every
+  gradient, full size, until the end of backward. Backward allocates a reduce bucket of
   ``reduce_bucket_size`` elements (two with ``overlap_comm``), whatever the model's size.
   ZeRO-1 with bf16 and ``data_types.grad_accum_dtype: fp32`` is ``BF16_Optimizer``: full fp32 gradients.
 * ZeRO-3: each parameter partitioned over its group (experts over the expert-data-parallel group, the recipe's
@@ -263,10 +266,17 @@ def _flat_group(group: list[_ShapeParam], dp: int, param_alignment: int) -> tupl
     return starts, offset + -offset % (ALIGNMENT_PER_RANK * dp)
 
 
-def _grads_in_partition(group: list[_ShapeParam], starts: list[int], partition: int, rank: int) -> int:
-    """Elements of the whole parameters that overlap rank ``rank``'s partition (ZeRO-1/2 keep them whole)."""
+def _grads_in_partition(group: list[_ShapeParam], starts: list[int], partition: int,
+                        rank: int) -> tuple[int, int]:
+    """(elements of the whole parameters that overlap rank ``rank``'s partition, the partition's elements no
+    parameter covers): ZeRO-1/2 keep the first whole, and zero-fill the second."""
     begin, end = partition * rank, partition * (rank + 1)
-    return sum(p.numel() for p, start in zip(group, starts) if start < end and start + p.numel() > begin)
+    whole = covered = 0
+    for p, start in zip(group, starts):
+        overlap = min(end, start + p.numel()) - max(begin, start)
+        if overlap > 0:
+            whole, covered = whole + p.numel(), covered + overlap
+    return whole, partition - covered
 
 
 def _bf16_optimizer(params: list[_ShapeParam], layout: _Layout) -> RankMemory:
@@ -305,8 +315,8 @@ def _zero12(params: list[_ShapeParam], layout: _Layout, rank: Optional[int]) -> 
         held["step"] = max(held["step"], 0 if compact else partition * FP32)  # the group's fp32 gradient in step
         full_grads += sum(p.numel() for p in group) * s
         for i, r in enumerate(ranks):  # expert-data-parallel groups are every ep-th rank: r // ep is r's index
-            in_partition = _grads_in_partition(group, starts, partition, r // layout.ep if group[0].expert else r)
-            grads_per_rank[i] += partition * FP32 if compact else in_partition * s
+            whole, pad = _grads_in_partition(group, starts, partition, r // layout.ep if group[0].expert else r)
+            grads_per_rank[i] += partition * FP32 if compact else whole * s + pad * g
     bucket = 0
     if zero.contiguous_gradients:
         bucket = zero.reduce_bucket_size * (g if layout.stage == 1 else s) * (2 if zero.overlap_comm else 1)
@@ -514,7 +524,8 @@ class _Claims:
         self.spans: dict[tuple, list[tuple[int, int]]] = {}  # storage -> claimed [start, end) byte spans
         self.owner: dict[tuple, str] = {}  # storage -> the category that claimed most of it first
 
-    def add(self, category: str, tensor, leftover_to_owner: bool = False) -> None:
+    def add(self, category: str, tensor, leftover_to_owner: bool = False, whole: bool = False) -> None:
+        """``whole``: claim the tensor's whole storage (what no one claimed yet of it), not only its view's span."""
         if tensor is None or tensor.numel() == 0 or tensor.device.type == "meta":
             return
         storage = tensor.untyped_storage()
@@ -524,6 +535,7 @@ class _Claims:
         end = start + (last + 1) * tensor.element_size()
         if leftover_to_owner:  # a flat buffer behind parameter views: its padding is its parameters' kind
             category = self.owner.get(key, category)
+        if leftover_to_owner or whole:
             start, end = 0, storage.nbytes()
         claimed = self.spans.setdefault(key, [])
         new = (end - start) - sum(max(0, min(end, b) - max(start, a)) for a, b in claimed)
@@ -583,7 +595,11 @@ def measure_engine(engine) -> RankMemory:
     (``.grad``, ``grad_accum`` and the optimizer's gradient buffers), the reduce buckets while allocated, and
     everything else the optimizer holds (fp32 masters, moments, step counts). Each storage byte counts once.
     Called after a backward, before ``engine.step()``, it sees what ``estimate`` calls grads; the optimizer's
-    moments exist once a first step has run. Activations are not seen: ``activations`` is 0."""
+    moments exist once a first step has run. Activations are not seen: ``activations`` is 0.
+
+    A gradient that is a view keeps its whole storage alive: what no other category claims of that storage counts
+    as gradients (ZeRO-1/2's ``averaged_gradients`` are partition slices of ``grads_in_partition``, the whole
+    gradients crossing the partition, whose own reference is dropped at the end of backward)."""
     claims = _Claims()
     named = list(engine.module.named_parameters())
     for name, param in named:
@@ -592,9 +608,9 @@ def measure_engine(engine) -> RankMemory:
         claims.add(kind, getattr(param, "ds_tensor", None))
         # ZeRO-3: a whole parameter beside its partition is kept (persistent) or gathered for this module only
         claims.add(kind if not zero3 or getattr(param, "ds_persist", False) else "buffers", param.data)
-    for _, param in named:
-        claims.add("grads", param.grad)
-        claims.add("grads", getattr(param, "grad_accum", None))
+    grads = [t for _, param in named for t in (param.grad, getattr(param, "grad_accum", None))]
+    for tensor in grads:
+        claims.add("grads", tensor)
     found = list(_tensors_of(engine.optimizer, "optimizer"))
     for path, tensor in found:  # parameter flats first: their padding belongs to their parameters
         if _category(path) is None:
@@ -603,6 +619,10 @@ def measure_engine(engine) -> RankMemory:
         category = _category(path)
         if category is not None:
             claims.add(category, tensor)
+        if category == "grads":
+            grads.append(tensor)
+    for tensor in grads:  # last: a buffer or master copy that a gradient views stays what it is
+        claims.add("grads", tensor, whole=True)
     return RankMemory(activations=0, **claims.totals)
 
 

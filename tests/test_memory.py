@@ -187,6 +187,36 @@ def test_expert_bytes_at_zero3_and_zero1():
     assert zero1.expert_params == pytest.approx(total_expert_bytes / 2, abs=2 * 2 * 2)  # flat padded to 2·dp
 
 
+def test_a_gradient_view_holds_its_whole_storage():
+    """ZeRO-1/2 after backward: the step's partition slices (``averaged_gradients``) are the only references to the
+    buffer of whole gradients crossing the partition; the buffer counts whole, as gradients, while what another
+    category claims of a storage that a gradient views stays that category's."""
+    from types import SimpleNamespace
+
+    from recipe.memory import measure_engine
+
+    module = torch.nn.Linear(4, 2, bias=False)
+    grads_in_partition = torch.zeros(10)
+    optimizer = {"averaged_gradients": {0: [grads_in_partition[2:6], torch.zeros(3)]}}
+    measured = measure_engine(SimpleNamespace(module=module, optimizer=optimizer))
+    assert measured.grads == (10 + 3) * 4 and measured.dense_params == 8 * 4
+    state = torch.zeros(10)  # optimizer state that a gradient views stays optimizer state
+    optimizer = {"state": {0: {"exp_avg": state}}, "averaged_gradients": {0: [state[2:6]]}}
+    measured = measure_engine(SimpleNamespace(module=module, optimizer=optimizer))
+    assert measured.grads == 0 and measured.optimizer == 10 * 4
+
+
+def test_zero2_rank_holds_whole_crossing_gradients_and_zero_padding():
+    """Params of 5 and 2 elements over 4 ranks: flat 8 (padded to 2·dp), partitions of 2. Rank 0 holds the first
+    param whole; rank 2 both (each crosses it); rank 3 the second whole plus 1 zero for the padding it covers."""
+    from recipe.memory import _flat_group, _grads_in_partition, _ShapeParam
+
+    group = [_ShapeParam("a.weight", (5,), False), _ShapeParam("b.weight", (2,), False)]
+    starts, flat = _flat_group(group, 4, 1)
+    assert (starts, flat) == ([0, 5], 8)
+    assert [_grads_in_partition(group, starts, 2, r) for r in range(4)] == [(5, 0), (5, 0), (7, 0), (2, 1)]
+
+
 SHAPE_CONFIGS = {
     "tiny_moe, ep 2": ("tiny_moe.py", [], 2),
     "tiny_finegrained": ("tiny_finegrained.py", [], 1),
