@@ -67,7 +67,9 @@ compare: install data
 #   50-step bf16 training smoke of a ~100M-active fine-grained MoE (tokens/s, MFU) to bench_results/gpu.json.
 #   Without a GPU it says so and exits 0.
 # bench-import: peak host memory of one rank importing a Hugging Face MoE folder at EP 1/2/4/8 (~1 minute).
-.PHONY: bench bench-layer bench-e2e bench-e2e-finegrained bench-import gpu-check
+# memory-check: the default model on 4 ranks at EP 2, ZeRO-2 and ZeRO-3 fp32: each rank's live engine (parameters,
+#   gradients, optimizer state) beside recipe.memory's estimate, to bench_results/memory.json (~2 minutes).
+.PHONY: bench bench-layer bench-e2e bench-e2e-finegrained bench-import gpu-check memory-check
 # The glibc allocator settings launch/train.sh gives training (why: see there), so the layer is timed as it trains.
 MALLOC_TUNING := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=268435456
 bench: bench-layer bench-e2e bench-e2e-finegrained
@@ -86,3 +88,9 @@ bench-import: install
 
 gpu-check: install
 	$(PY) -m bench.gpu_check $(GPU_ARGS)
+
+memory-check: install data
+	mkdir -p bench_results
+	OMP_NUM_THREADS=1 $(PY) -m recipe.launcher runner --num_gpus 4 bench/memory_check.py \
+		--config recipe/configs/tiny_finegrained.py \
+		--ds_config ds_configs/zero2_fp32_ep2.json ds_configs/zero3_fp32_ep2.json --out bench_results/memory.json

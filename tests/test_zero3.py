@@ -1,7 +1,7 @@
 """ZeRO-3 with MoE and expert parallelism (``ShardedMoE``): 4 ranks, EP=2 (expert-data-parallel groups of 2),
 fp32, gradient clipping firing at every step, equal to ZeRO-2 on the same ranks; a negative control without the
 placement tags; a bitwise resume; the checkpoint in the recipe's per-expert layout (export and generate read it);
---reshard from and to ZeRO-3 continuing equal.
+--reshard from and to ZeRO-3 continuing equal; recipe.memory's estimate against the live engines of both stages.
 
 One module-scoped set of launches serves every assertion (each launch is 30-60 s on the 2-core machine)."""
 from __future__ import annotations
@@ -64,7 +64,18 @@ def runs(tiny_data, tmp_path_factory):
     _reshard(tmp / "zero3", tmp / "to_zero2", config, _ds_json(tmp / "zero2_2ranks.json", "zero2_fp32_ep2.json",
                                                                  train_micro_batch_size_per_gpu=4), nproc=2)
     _reshard(tmp / "zero2", tmp / "to_zero3", config, zero3, nproc=4)
+    _memory_check(config, [zero2, zero3], tmp / "memory.json")
     return tmp
+
+
+def _memory_check(config, ds_configs, out) -> None:
+    """bench/memory_check.py: every rank's live engine measured beside recipe.memory's estimate, one launch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "recipe.launcher", "runner", "--master_addr", "127.0.0.1", "--master_port",
+           str(_free_port()), "--num_gpus", "4", str(ROOT / "bench" / "memory_check.py"), "--config", str(config),
+           "--ds_config", *map(str, ds_configs), "--out", str(out)]
+    proc = run_to_end(cmd, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _reshard(source, run_dir, config, ds, nproc: int) -> None:
@@ -169,3 +180,19 @@ def test_reshard_between_zero3_and_zero2_continues_equal(runs, resharded, refere
     for a, b in zip(moved[2:], source[2:], strict=True):
         assert _relative(a["loss"], b["loss"]) < 1e-5, (a, b)
         assert _relative(a["grad_norm"], b["grad_norm"]) < 1e-5, (a, b)
+
+
+def test_memory_estimate_matches_the_engines_and_zero3_partitions_what_zero2_keeps_whole(runs):
+    """recipe.memory's per-rank estimate against what each rank's engine holds (parameters, gradients, optimizer
+    state), within 10%, at ZeRO-2 and ZeRO-3; and the measured ZeRO-3 parameters are ZeRO-2's split 4 ways (dense)
+    and 2 ways (experts, over their expert-data-parallel group), so the estimate is compared where they differ."""
+    rows = json.loads((runs / "memory.json").read_text())
+    assert sorted((r["zero_stage"], r["rank"]) for r in rows) == [(s, r) for s in (2, 3) for r in range(4)]
+    for row in rows:
+        for field, measured in row["measured"].items():
+            assert measured > 0 and abs(row["estimated"][field] - measured) <= 0.1 * measured, (row, field)
+    by_stage = {(r["zero_stage"], r["rank"]): r["measured"] for r in rows}
+    for rank in range(4):
+        zero2, zero3 = by_stage[(2, rank)], by_stage[(3, rank)]
+        assert zero3["dense_params"] <= zero2["dense_params"] / 4 * 1.01, rank  # + ZeRO-3's per-parameter padding
+        assert zero3["expert_params"] == zero2["expert_params"] / 2, rank
