@@ -170,8 +170,9 @@ def _read_zero3(files: list[Path], folder: Path, ranks: list[RankState], weights
     """ZeRO-3 (``files``, one per rank, ``[bf16_]zero_pp_rank_{R}_mp_rank_00_optim_states.pt``): per optimizer
     sub-group, each rank's flat fp32 partition and Adam state concatenate every parameter's partition, in the
     order its model-states file lists the sub-group's parameters (``param_shapes``); a parameter of n values split
-    over p ranks has ceil(n / p) of them on each. Which ranks split a sub-group is ZeRO-3's own record (``ds_zero_partition_groups``): all ranks
-    for dense weights, the expert-data-parallel group for experts (``ShardedMoE``)."""
+    over p ranks has ceil(n / p) of them on each. Which ranks split a sub-group is ZeRO-3's own record
+    (``ds_zero_partition_groups``): all ranks for dense weights, the expert-data-parallel group for experts
+    (``ShardedMoE``)."""
     fragments: Fragments = {}
     steps = set()
     for rank, (path, coords) in enumerate(zip(files, ranks)):

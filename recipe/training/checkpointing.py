@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+import deepspeed
 import torch
 
 from ..checkpoint import (MODEL_FILE, RankState, begin, checkpoint_root, commit, consolidated_state_dict,
@@ -205,8 +206,6 @@ def write_gathered_weights(job: Job, folder: Path, ranks: Ranks, ep_size: int, c
     client state; one file per expert), from weights gathered one module at a time (a collective: every rank
     joins), so that generate, export and --reshard read ZeRO-3 checkpoints like any other. Rank 0 writes the
     dense file, the first rank of each expert-data-parallel group its experts."""
-    import deepspeed
-
     model, num_local = job.model, job.model.num_local_experts
     writes_experts = job.model.moe_layers() and expert_data_parallel_rank(ep_size) == 0
     dense: dict[str, torch.Tensor] = {}
