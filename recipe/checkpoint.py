@@ -253,11 +253,15 @@ class RankState:
         return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
 
 
-def save_recipe_state(run_dir: str | Path, tag: str, rank: int, state: RankState) -> None:
-    path = checkpoint_root(run_dir) / tag / f"recipe_rank{rank}.pt"
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` that never leaves a half-written file under the final name."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state.to_dict(), tmp)
-    os.replace(tmp, path)  # never a half-written file under the final name
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_recipe_state(run_dir: str | Path, tag: str, rank: int, state: RankState) -> None:
+    save_atomic(state.to_dict(), checkpoint_root(run_dir) / tag / f"recipe_rank{rank}.pt")
 
 
 def _read_rank_state(path: Path) -> RankState:

@@ -17,8 +17,8 @@ import deepspeed
 import torch
 
 from ..checkpoint import (MODEL_FILE, RankState, begin, checkpoint_root, commit, consolidated_state_dict,
-                          expert_file_name, load_recipe_state, prune, rng_state, save_recipe_state, set_rng_state,
-                          step_tag)
+                          expert_file_name, load_recipe_state, prune, rng_state, save_atomic, save_recipe_state,
+                          set_rng_state, step_tag)
 from ..hf_format import HF_SOURCE_CONFIG
 from ..init_from import parse_init_from
 from ..model.expert_keys import local_to_global, parse_expert_key, shard_experts
@@ -207,25 +207,26 @@ def write_gathered_weights(job: Job, folder: Path, ranks: Ranks, ep_size: int, c
     joins), so that generate, export and --reshard read ZeRO-3 checkpoints like any other. Rank 0 writes the
     dense file, the first rank of each expert-data-parallel group its experts."""
     model, num_local = job.model, job.model.num_local_experts
-    writes_experts = job.model.moe_layers() and expert_data_parallel_rank(ep_size) == 0
+    writes_experts = bool(model.moe_layers()) and expert_data_parallel_rank(ep_size) == 0
     dense: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (MoE layer, global expert) -> its entries
     for prefix, module, moe_layer in _save_units(model):
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {key: value.detach().cpu().clone() for key, value in module.state_dict(prefix=prefix).items()}
-        for key, value in state.items():
-            if parse_expert_key(key) is None:
-                dense[key] = value
-            elif writes_experts:
-                global_key = local_to_global(key, job.ep_rank, num_local)
-                experts.setdefault((moe_layer, parse_expert_key(global_key).expert), {})[global_key] = value
+            for key, value in module.state_dict(prefix=prefix).items():  # copied only by the rank that writes it
+                if parse_expert_key(key) is None:
+                    if ranks.is_main:
+                        dense[key] = value.detach().cpu().clone()
+                elif writes_experts:
+                    global_key = local_to_global(key, job.ep_rank, num_local)
+                    expert = parse_expert_key(global_key).expert
+                    experts.setdefault((moe_layer, expert), {})[global_key] = value.detach().cpu().clone()
     if ranks.is_main:
         scheduler = job.engine.lr_scheduler
-        _save_atomic({**client_state, "module": dense, "num_experts": [m.num_experts for m in model.moe_layers()],
-                      "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-                      "global_steps": job.engine.global_steps}, folder / MODEL_FILE)
+        save_atomic({**client_state, "module": dense, "num_experts": [m.num_experts for m in model.moe_layers()],
+                     "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "global_steps": job.engine.global_steps}, folder / MODEL_FILE)
     for (moe_layer, expert), entries in experts.items():
-        _save_atomic(entries, folder / expert_file_name(moe_layer, expert))
+        save_atomic(entries, folder / expert_file_name(moe_layer, expert))
 
 
 def _save_units(model: TransformerLM):
@@ -239,12 +240,6 @@ def _save_units(model: TransformerLM):
         for index, block in enumerate(child):
             yield f"{name}.{index}.", block, moe_layer if getattr(block, "is_moe", False) else None
             moe_layer += int(getattr(block, "is_moe", False))
-
-
-def _save_atomic(obj, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)  # never a half-written file under the final name
 
 
 def rank_state(plan: RunPlan, job: Job, ranks: Ranks, step: int) -> RankState:
