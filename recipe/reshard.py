@@ -97,10 +97,9 @@ def read_optimizer_state(folder: str | Path, weights: dict[str, torch.Tensor], n
     zero_files = [_first_existing(folder, [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
                                            f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"])
                   for r in range(len(ranks))]
-    if ranks[0].zero_stage == 3 and all(path is not None for path in zero_files):
-        return _read_zero3(zero_files, folder, ranks, weights, num_local)
     if all(path is not None for path in zero_files):
-        return _read_partitioned(zero_files, ranks, weights, num_local)
+        reader = _read_zero3 if ranks[0].zero_stage == 3 else _read_partitioned
+        return reader(zero_files, ranks, weights, num_local)
     torch_files = [folder / f"expp_rank_{e}_mp_rank_00_optim_states.pt" for e in range(ep_size)]
     if all(path.is_file() for path in torch_files):
         return _read_torch_optimizer(torch_files, ranks, num_local)
@@ -165,7 +164,7 @@ def _assemble(fragments: Fragments, steps: set, weights: dict[str, torch.Tensor]
     return OptimizerState(tensors=tensors, step=steps.pop())
 
 
-def _read_zero3(files: list[Path], folder: Path, ranks: list[RankState], weights: dict[str, torch.Tensor],
+def _read_zero3(files: list[Path], ranks: list[RankState], weights: dict[str, torch.Tensor],
                 num_local: int) -> OptimizerState:
     """ZeRO-3 (``files``, one per rank, ``[bf16_]zero_pp_rank_{R}_mp_rank_00_optim_states.pt``): per optimizer
     sub-group, each rank's flat fp32 partition and Adam state concatenate every parameter's partition, in the
@@ -177,7 +176,7 @@ def _read_zero3(files: list[Path], folder: Path, ranks: list[RankState], weights
     steps = set()
     for rank, (path, coords) in enumerate(zip(files, ranks)):
         saved = _load(path)["optimizer_state_dict"]
-        shapes = _load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")["param_shapes"]
+        shapes = _load(path.parent / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")["param_shapes"]
         placement = {entry["sub_group"]: entry for entry in saved["ds_zero_partition_groups"]}
         if len(shapes) != len(saved["fp32_flat_groups"]) or set(placement) != set(range(len(shapes))):
             raise ReshardError(f"rank {rank}'s ZeRO-3 files disagree on the optimizer sub-groups")
