@@ -633,9 +633,9 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / GIB:,.2f}"
 
 
-def _row_notes(config: RecipeConfig, ds: DSConfig, world_size: int) -> dict[str, str]:
+def _row_notes(config: RecipeConfig, ds: DSConfig, world_size: int, layout: _Layout) -> dict[str, str]:
     """What each row counts, in words, for this launch."""
-    layout, m = _layout(ds, world_size), config.model
+    m = config.model
     stage, dtype, edp = layout.stage, ds.precision, layout.expert_dp
     experts = f"{dtype}, {m.num_experts // ds.ep_size} of {m.num_experts} per MoE layer" if config.is_moe else "none"
     if stage == 3 and config.is_moe:
@@ -668,13 +668,14 @@ def plan_table(config: RecipeConfig, ds: DSConfig, world_size: int, device_type:
     labels = {"dense_params": "parameters, dense", "expert_params": "parameters, experts", "grads": "gradients",
               "optimizer": "optimizer state", "buffers": "communication buffers", "activations": "activations",
               "step_buffers": "optimizer step"}
-    notes = _row_notes(config, ds, world_size)
+    layout = _layout(ds, world_size)
+    notes = _row_notes(config, ds, world_size, layout)
     lines = [header, f"  {'':<22} {'GiB':>9} {'bytes':>17}  what"]
     for name, label in labels.items():
         value = getattr(memory, name)
         lines.append(f"  {label:<22} {_gib(value):>9} {value:>17,}  {notes[name]}")
     lines.append(f"  {'total':<22} {_gib(memory.total):>9} {memory.total:>17,}")
-    zero = _layout(ds, world_size).zero
+    zero = layout.zero
     for key, block in (("offload_optimizer", zero.offload_optimizer), ("offload_param", zero.offload_param)):
         if block is not None and str(block.device) != "none":
             lines.append(f"  note: {key} to {block.device}: what it moves lives in host memory, this plan counts it "

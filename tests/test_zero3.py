@@ -33,14 +33,19 @@ def _ds_json(path, base: str, train_micro_batch_size_per_gpu: int = 2, **zero):
     return path
 
 
-def _launch_untagged(config, ds, run_dir):
-    """The trainer with the placement tags left off (tests/zero3_untagged.py), through DeepSpeed's runner."""
+def _run_on_4_ranks(*target: str) -> None:
+    """``target`` (a script and its arguments, or ``--module NAME ...``) on 4 ranks through DeepSpeed's runner."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "recipe.launcher", "runner", "--master_addr", "127.0.0.1", "--master_port",
-           str(_free_port()), "--num_gpus", "4", "--module", "tests.zero3_untagged", "--config", str(config),
-           "--ds_config", str(ds), "--run_dir", str(run_dir)]
+           str(_free_port()), "--num_gpus", "4", *target]
     proc = run_to_end(cmd, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _launch_untagged(config, ds, run_dir):
+    """The trainer with the placement tags left off (tests/zero3_untagged.py)."""
+    _run_on_4_ranks("--module", "tests.zero3_untagged", "--config", str(config), "--ds_config", str(ds),
+                    "--run_dir", str(run_dir))
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +75,8 @@ def runs(tiny_data, tmp_path_factory):
 
 def _memory_check(config, ds_configs, out) -> None:
     """bench/memory_check.py: every rank's live engine measured beside recipe.memory's estimate, one launch."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "recipe.launcher", "runner", "--master_addr", "127.0.0.1", "--master_port",
-           str(_free_port()), "--num_gpus", "4", str(ROOT / "bench" / "memory_check.py"), "--config", str(config),
-           "--ds_config", *map(str, ds_configs), "--out", str(out)]
-    proc = run_to_end(cmd, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_on_4_ranks(str(ROOT / "bench" / "memory_check.py"), "--config", str(config), "--ds_config",
+                    *map(str, ds_configs), "--out", str(out))
 
 
 def _reshard(source, run_dir, config, ds, nproc: int) -> None:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # a sum over ranks
 
 
-
 def deepspeed_log_level(environ=os.environ) -> int:
     """The level ``MOE_RECIPE_DS_LOG`` names (debug, info, warning, error); errors only when unset or unknown
     (launch/train.sh refuses an unknown name before any rank starts)."""
