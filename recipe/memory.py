@@ -1,7 +1,7 @@
 """Per-rank memory planner: what one rank of a launch will hold, before you launch it.
 
     python -m recipe.memory --config recipe/configs/qwen3_moe_30b_a3b.py --ds_config ds_configs/zero1_bf16_ep2.json \
-        --nproc 8 --ep_size 8
+        --nproc 8 --ep_size 4 --tp_size 2
 
 Reads the config and the DeepSpeed JSON exactly as the trainer does (``--set`` overrides, validation) and prints
 one line naming the run and a table of this rank's bytes: the module's parameters (dense and expert), gradients,
@@ -32,6 +32,17 @@ What DeepSpeed 0.19.8 allocates, per stage (read from its code, measured on real
   the reduce bucket is allocated at start-up and held; the step adds the fp32 gradients of one sub-group.
   Forward and backward gather a module's parameters (an MoE layer's all at once) plus the prefetch bucket, each
   twice while the all-gather's flat buffer lives.
+
+Tensor parallelism (``tp_size``, DeepSpeed's ``tensor_parallel.autotp_size``), Megatron-style as the trainer
+shards: each TP rank holds 1/tp of attention's ``wqkv`` (q, k and v split by heads; its bias too) and ``wo``, of
+the dense and shared-expert SwiGLUs, and of every routed expert along its intermediate size F; the embedding,
+lm_head, every RMSNorm (q_norm / k_norm included), the router and ``shared_gate`` are whole on every TP rank.
+TP groups are consecutive ranks, so rank r is data-parallel rank r // tp of dp = world / tp: ZeRO divides dense
+state over dp, and experts over the expert-data-parallel group, dp / ep = world / (tp·ep) (EP groups inside the
+DP group, DeepSpeed's E+M+D layout). Activations: the per-head and F-sized tensors are divided by tp, the
+residual-stream ones, the router's and the logits are not (TP peers see the same micro-batch). Communication
+buffers and bucket sizes are as without TP. ZeRO-3 with tp > 1 is refused, as the trainer refuses it (expert-TP
+shards would miss the model-parallel reduction of the gradient norm).
 """
 from __future__ import annotations
 
@@ -96,13 +107,15 @@ def _swiglu_shapes(prefix: str, hidden: int, width: int) -> list[tuple[str, tupl
             (f"{prefix}w2.weight", (hidden, width))]
 
 
-def _attention_shapes(prefix: str, config: RecipeConfig) -> list[tuple[str, tuple[int, ...]]]:
+def _attention_shapes(prefix: str, config: RecipeConfig, tp_size: int) -> list[tuple[str, tuple[int, ...]]]:
+    """wqkv's rows and wo's columns are this TP rank's heads; the q/k norms are whole on every TP rank."""
     m = config.model
     q_size, kv_size = m.num_attention_heads * m.resolved_head_dim, m.resolved_kv_heads * m.resolved_head_dim
-    shapes = [(f"{prefix}wqkv.weight", (q_size + 2 * kv_size, m.hidden_size))]
+    local_qkv, local_q = (q_size + 2 * kv_size) // tp_size, q_size // tp_size
+    shapes = [(f"{prefix}wqkv.weight", (local_qkv, m.hidden_size))]
     if m.qkv_bias:
-        shapes.append((f"{prefix}wqkv.bias", (q_size + 2 * kv_size,)))
-    shapes.append((f"{prefix}wo.weight", (m.hidden_size, q_size)))
+        shapes.append((f"{prefix}wqkv.bias", (local_qkv,)))
+    shapes.append((f"{prefix}wo.weight", (m.hidden_size, local_q)))
     if m.qk_norm != "none":
         per_head = m.qk_norm == "head"
         shapes += [(f"{prefix}q_norm.weight", (m.resolved_head_dim if per_head else q_size,)),
@@ -110,11 +123,11 @@ def _attention_shapes(prefix: str, config: RecipeConfig) -> list[tuple[str, tupl
     return shapes
 
 
-def _moe_shapes(prefix: str, config: RecipeConfig, ep_size: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The MoE FFN slot: router, this rank's experts (stacked, or one module each for DeepSpeed's layer), and the
-    shared experts with their gate, which live beside the MoE module."""
+def _moe_shapes(prefix: str, config: RecipeConfig, ep_size: int, tp_size: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The MoE FFN slot: router, this rank's experts (stacked, or one module each for DeepSpeed's layer; F / tp
+    wide), and the shared experts (F / tp wide) with their gate, which live beside the MoE module."""
     m = config.model
-    hidden, width, local = m.hidden_size, m.expert_size, m.num_experts // ep_size
+    hidden, width, local = m.hidden_size, m.expert_size // tp_size, m.num_experts // ep_size
     shapes = [(f"{prefix}ffn.deepspeed_moe.gate.wg.weight", (m.num_experts, hidden))]
     experts = f"{prefix}ffn.deepspeed_moe.experts."
     if m.moe_impl == "deepspeed":
@@ -127,27 +140,54 @@ def _moe_shapes(prefix: str, config: RecipeConfig, ep_size: int) -> list[tuple[s
         raise ConfigError(f"`model.moe_expert={m.moe_expert!r}`: the memory planner knows the shapes of the built-in "
                           f"'swiglu' expert only; plan with moe_expert='swiglu' of the same width")
     if m.moe_num_shared_experts > 0:
-        shapes += _swiglu_shapes(f"{prefix}shared_mlp.", hidden, m.shared_expert_size)
+        shapes += _swiglu_shapes(f"{prefix}shared_mlp.", hidden, m.shared_expert_size // tp_size)
     if m.moe_shared_expert_gate:
         shapes.append((f"{prefix}shared_gate.weight", (1, hidden)))
     return shapes
 
 
-def parameter_shapes(config: RecipeConfig, ep_size: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+def _check_tp_divides_model(config: RecipeConfig, tp_size: int) -> None:
+    """Each TP rank gets whole heads (q and kv) and an equal share of every SwiGLU's intermediate size; what the
+    trainer does not split under TP is refused as it refuses it."""
+    if tp_size == 1:
+        return
+    m = config.model
+    refused = {"model.qk_norm='full' (one norm over all heads)": m.qk_norm == "full",
+               "model.moe_impl='deepspeed'": config.is_moe and m.moe_impl == "deepspeed"}
+    for what, is_set in refused.items():
+        if is_set:
+            raise ConfigError(f"tp_size {tp_size}: tensor parallelism does not support {what}; plan with tp_size 1")
+    moe_layers = set(config.moe_layer_ids())
+    sizes = {"the attention heads": m.num_attention_heads, "the key/value heads": m.resolved_kv_heads}
+    if len(moe_layers) < m.num_layers:
+        sizes["the dense FFN's intermediate size"] = m.ffn_size
+    if moe_layers:
+        sizes["the experts' intermediate size"] = m.expert_size
+        if m.moe_num_shared_experts > 0:
+            sizes["the shared experts' intermediate size"] = m.shared_expert_size
+    for what, size in sizes.items():
+        if size % tp_size:
+            raise ConfigError(f"tp_size {tp_size} does not divide {what} ({size}) of the model; use a tp_size that "
+                              f"divides it")
+
+
+def parameter_shapes(config: RecipeConfig, ep_size: int = 1, tp_size: int = 1) -> list[tuple[str, tuple[int, ...]]]:
     """``[(name, shape)]`` of ``TransformerLM(config, ep_size).named_parameters()``, in that order, on one rank
-    (its ``num_experts // ep_size`` experts), without building the model."""
+    (its ``num_experts // ep_size`` experts), without building the model; with ``tp_size`` > 1 one TP rank's
+    shards (the module docstring says which)."""
+    _check_tp_divides_model(config, tp_size)
     m = config.model
     shapes = [("embedding.weight", (m.vocab_size, m.hidden_size))]
     moe_layers = set(config.moe_layer_ids())
     for layer in range(m.num_layers):
         prefix = f"blocks.{layer}."
         shapes.append((f"{prefix}attention_norm.weight", (m.hidden_size,)))
-        shapes += _attention_shapes(f"{prefix}attention.", config)
+        shapes += _attention_shapes(f"{prefix}attention.", config, tp_size)
         shapes.append((f"{prefix}ffn_norm.weight", (m.hidden_size,)))
         if layer in moe_layers:
-            shapes += _moe_shapes(prefix, config, ep_size)
+            shapes += _moe_shapes(prefix, config, ep_size, tp_size)
         else:
-            shapes += _swiglu_shapes(f"{prefix}ffn.", m.hidden_size, m.ffn_size)
+            shapes += _swiglu_shapes(f"{prefix}ffn.", m.hidden_size, m.ffn_size // tp_size)
     shapes.append(("norm.weight", (m.hidden_size,)))
     if not m.tie_word_embeddings:  # tied: named_parameters() lists the shared tensor once, as the embedding
         shapes.append(("lm_head.weight", (m.vocab_size, m.hidden_size)))
@@ -182,8 +222,9 @@ class _ShapeModel:
         return ((p.name, p) for p in self.params)
 
 
-def _shape_params(config: RecipeConfig, ep_size: int) -> list[_ShapeParam]:
-    return [_ShapeParam(name, shape, is_expert_parameter(name)) for name, shape in parameter_shapes(config, ep_size)]
+def _shape_params(config: RecipeConfig, ep_size: int, tp_size: int) -> list[_ShapeParam]:
+    shapes = parameter_shapes(config, ep_size, tp_size)
+    return [_ShapeParam(name, shape, is_expert_parameter(name)) for name, shape in shapes]
 
 
 def _optimizer_groups(params: list[_ShapeParam], split_experts: bool) -> list[list[_ShapeParam]]:
@@ -209,6 +250,7 @@ class _Layout:
     stage: int
     world: int
     ep: int
+    tp: int
     precision: str
     param_bytes: int  # module dtype
     grad_bytes: int  # gradient-accumulation dtype
@@ -216,11 +258,16 @@ class _Layout:
     zero: object  # DeepSpeedZeroConfig, DeepSpeed's own defaults filled in
 
     @property
+    def dense_dp(self) -> int:
+        """The data-parallel group dense state is partitioned over: TP peers hold other shards, not copies."""
+        return self.world // self.tp
+
+    @property
     def expert_dp(self) -> int:
-        return self.world // self.ep
+        return self.dense_dp // self.ep
 
     def dp(self, group: list[_ShapeParam]) -> int:
-        return self.expert_dp if group[0].expert else self.world
+        return self.expert_dp if group[0].expert else self.dense_dp
 
 
 def _layout(ds: DSConfig, world_size: int) -> _Layout:
@@ -233,7 +280,7 @@ def _layout(ds: DSConfig, world_size: int) -> _Layout:
     moments = MOMENTS.get(optimizer, 2)
     if optimizer == "sgd":
         moments = 1 if ds.deepspeed["optimizer"].get("params", {}).get("momentum", 0) else 0
-    return _Layout(stage=ds.zero_stage, world=world_size, ep=ds.ep_size, precision=ds.precision,
+    return _Layout(stage=ds.zero_stage, world=world_size, ep=ds.ep_size, tp=ds.tp_size, precision=ds.precision,
                    param_bytes=param_bytes, grad_bytes=grad_bytes, moments=moments, zero=get_zero_config(ds.deepspeed))
 
 
@@ -303,7 +350,7 @@ def _zero12(params: list[_ShapeParam], layout: _Layout, rank: Optional[int]) -> 
     compact = g == FP32 and s != FP32  # fp32 accumulation into one fp32 partition per group, no step copy
     alignment = 16 // math.gcd(16, s) if zero.parameter_alignment else 1
     held = {"dense_params": 0, "expert_params": 0, "optimizer": 0, "step": 0}
-    ranks = range(layout.world) if rank is None else [rank]
+    ranks = range(layout.dense_dp) if rank is None else [rank // layout.tp]  # data-parallel ranks: TP is innermost
     grads_per_rank = [0 for _ in ranks]
     full_grads = 0
     for group in _optimizer_groups(params, split_experts=any(p.expert for p in params)):
@@ -348,7 +395,7 @@ def _gathered(params: list[_ShapeParam], layout: _Layout, persistent: set[str]) 
     Persistent parameters, and those whose partition group is one rank (used in place), are not gathered."""
     units: dict[str, int] = {}
     for p in params:
-        if p.name in persistent or (layout.expert_dp if p.expert else layout.world) == 1:
+        if p.name in persistent or (layout.expert_dp if p.expert else layout.dense_dp) == 1:
             continue
         module = p.name.split(".deepspeed_moe.")[0] if ".deepspeed_moe." in p.name else p.name.rsplit(".", 1)[0]
         units[module] = units.get(module, 0) + p.numel()
@@ -366,7 +413,7 @@ def _zero3_sub_groups(params: list[_ShapeParam], layout: _Layout) -> list[int]:
         for expert in (False, True):
             size = 0
             for p in (p for p in group if p.expert == expert):
-                size += math.ceil(p.numel() / (layout.expert_dp if expert else layout.world))
+                size += math.ceil(p.numel() / (layout.expert_dp if expert else layout.dense_dp))
                 if size >= layout.zero.sub_group_size:
                     sizes.append(size)
                     size = 0
@@ -381,7 +428,7 @@ def _zero3(params: list[_ShapeParam], layout: _Layout) -> RankMemory:
     held = {"dense_params": 0, "expert_params": 0}
     persistent, numel = _persistent(params, layout), 0
     for p in params:
-        group = layout.expert_dp if p.expert else layout.world
+        group = layout.expert_dp if p.expert else layout.dense_dp
         kind = "expert_params" if p.expert else "dense_params"
         numel += math.ceil(p.numel() / group)
         held[kind] += math.ceil(p.numel() / group) * s
@@ -402,11 +449,12 @@ def _norm_saved(rows: int, width: int, s: int) -> int:
     return rows * width * (2 * s + (FP32 if s != FP32 else 0)) + rows * FP32
 
 
-def _attention_saved(config: RecipeConfig, tokens: int, s: int) -> int:
+def _attention_saved(config: RecipeConfig, tokens: int, s: int, tp_size: int) -> int:
     """Attention norm to ``wo``: the fused qkv output (v is a view of it), q and k rotated (fp32 copies on the way
-    in reduced precision; the q/k RMSNorm's own set with ``qk_norm``), SDPA's output and log-sum-exp, wo's input."""
+    in reduced precision; the q/k RMSNorm's own set with ``qk_norm``), SDPA's output and log-sum-exp, wo's input.
+    The per-head tensors are this TP rank's heads; the norm and wqkv's input are the whole residual stream."""
     m = config.model
-    heads, kv_heads, head_dim = m.num_attention_heads, m.resolved_kv_heads, m.resolved_head_dim
+    heads, kv_heads, head_dim = m.num_attention_heads // tp_size, m.resolved_kv_heads // tp_size, m.resolved_head_dim
     upcast = FP32 if s != FP32 else 0
     qk = tokens * (heads + kv_heads) * head_dim
     saved = _norm_saved(tokens, m.hidden_size, s) + tokens * m.hidden_size * s  # norm, and wqkv's input
@@ -420,14 +468,15 @@ def _attention_saved(config: RecipeConfig, tokens: int, s: int) -> int:
     return saved + tokens * heads * head_dim * s  # wo's input (the heads merged)
 
 
-def _moe_saved(config: RecipeConfig, tokens: int, s: int, ep_size: int, grouped_mm: bool) -> int:
+def _moe_saved(config: RecipeConfig, tokens: int, s: int, ep_size: int, grouped_mm: bool, tp_size: int) -> int:
     """Router and gating (fp32 scores, the pairs' indices and weights), the experts over N = S·k routed rows
     (fewer when capacity caps them): the fused CPU loop keeps the two (N, F) projections, grouped GEMM (CUDA)
-    four and the gathered rows; across EP ranks the received rows and the returned outputs too."""
+    four and the gathered rows; across EP ranks the received rows and the returned outputs too. Under TP each
+    rank routes every token (router replicated) through its F / tp of each expert: only the (N, F) terms shrink."""
     from .model.moe.gating import expert_capacity
 
     m = config.model
-    k, experts, hidden, width = m.moe_gate_k, m.num_experts, m.hidden_size, m.expert_size
+    k, experts, hidden, width = m.moe_gate_k, m.num_experts, m.hidden_size, m.expert_size // tp_size
     pairs = tokens * k
     if m.moe_drop_tokens:
         pairs = min(pairs, experts * expert_capacity(tokens, experts, k, m.moe_capacity_factor, m.moe_min_capacity))
@@ -441,24 +490,25 @@ def _moe_saved(config: RecipeConfig, tokens: int, s: int, ep_size: int, grouped_
     return saved
 
 
-def _block_saved(config: RecipeConfig, tokens: int, s: int, use_moe: bool, ep_size: int, grouped_mm: bool) -> int:
+def _block_saved(config: RecipeConfig, tokens: int, s: int, use_moe: bool, ep_size: int, grouped_mm: bool,
+                 tp_size: int) -> int:
     """One block's saved tensors: attention, the FFN norm and its output, the FFN (dense SwiGLU keeps its four
-    (S, F) intermediates), shared experts and their gate."""
+    (S, F) intermediates, F / tp under TP), shared experts and their gate."""
     m = config.model
-    saved = _attention_saved(config, tokens, s) + _norm_saved(tokens, m.hidden_size, s)
+    saved = _attention_saved(config, tokens, s, tp_size) + _norm_saved(tokens, m.hidden_size, s)
     saved += tokens * m.hidden_size * s  # the FFN's input h
     if not use_moe:
-        return saved + 4 * tokens * m.ffn_size * s
-    saved += _moe_saved(config, tokens, s, ep_size, grouped_mm)
+        return saved + 4 * tokens * (m.ffn_size // tp_size) * s
+    saved += _moe_saved(config, tokens, s, ep_size, grouped_mm, tp_size)
     if m.moe_num_shared_experts > 0:
-        saved += 4 * tokens * m.shared_expert_size * s
+        saved += 4 * tokens * (m.shared_expert_size // tp_size) * s
     if m.moe_shared_expert_gate:
         saved += tokens * m.hidden_size * s + tokens * FP32
     return saved
 
 
 def activation_bytes(config: RecipeConfig, micro_batch: int, dtype_bytes: int, ep_size: int = 1,
-                     device_type: str = "cuda") -> Activations:
+                     device_type: str = "cuda", tp_size: int = 1) -> Activations:
     """One micro-batch of ``micro_batch`` x ``data.seq_len`` tokens on one rank, derived from the model's code.
 
     ``saved``: per block the tensors autograd saves (``_block_saved``: RMSNorm sets, qkv, rotated q/k, SDPA's output
@@ -472,13 +522,16 @@ def activation_bytes(config: RecipeConfig, micro_batch: int, dtype_bytes: int, e
     during backward, transients inside one op, allocator fragmentation, and DeepSpeed's own buffers (in
     ``RankMemory.buffers``). The expert-parallel terms (received rows, returned outputs) are read from the code,
     not measured. ``device_type`` picks the experts' path the layer takes there (``prefer_grouped_mm`` in
-    ``recipe.model.moe.experts``: grouped GEMM on CUDA, the fused loop on CPU).
+    ``recipe.model.moe.experts``: grouped GEMM on CUDA, the fused loop on CPU). ``tp_size``: one TP rank's share,
+    the per-head and (S, F) tensors divided by tp, the (S, C) and (S, V) ones whole (module docstring).
     """
+    _check_tp_divides_model(config, tp_size)
     m = config.model
     tokens, s = micro_batch * config.data.seq_len, dtype_bytes
     grouped_mm = device_type != "cpu"
     moe_layers = set(config.moe_layer_ids())
-    blocks = [_block_saved(config, tokens, s, i in moe_layers, ep_size, grouped_mm) for i in range(m.num_layers)]
+    blocks = [_block_saved(config, tokens, s, i in moe_layers, ep_size, grouped_mm, tp_size)
+              for i in range(m.num_layers)]
     recompute = 0
     if m.checkpoint:  # each block keeps its input; backward recomputes one block at a time
         saved, recompute = m.num_layers * tokens * m.hidden_size * s, max(blocks)
@@ -494,15 +547,30 @@ def activation_bytes(config: RecipeConfig, micro_batch: int, dtype_bytes: int, e
 # ---- estimate and measurement -----------------------------------------------------------------------------------
 
 
+def _check_parallel_layout(ds: DSConfig, world_size: int) -> None:
+    """tp divides the ranks, ep the data-parallel ranks (EP groups live inside a DP group); no ZeRO-3 with TP."""
+    tp, ep = ds.tp_size, ds.ep_size
+    if tp < 1 or world_size % tp:
+        raise ConfigError(f"tp_size {tp} does not divide the world size {world_size}; launch a multiple of {tp} "
+                          f"ranks or use a smaller tp_size")
+    if ds.dp_size(world_size) % ep:
+        ranks = f"the world size {world_size}" if tp == 1 else \
+            f"the data-parallel size {ds.dp_size(world_size)} ({world_size} ranks / tp_size {tp})"
+        raise ConfigError(f"ep_size {ep} does not divide {ranks}; use an ep_size that divides it")
+    if tp > 1 and ds.zero_stage == 3:
+        raise ConfigError(f"ZeRO-3 with tp_size {tp} is refused (the trainer refuses it: expert-TP shards would miss "
+                          f"the model-parallel gradient-norm reduction); use ZeRO-1/2 with TP, or tp_size 1")
+
+
 def estimate(config: RecipeConfig, ds: DSConfig, world_size: int, rank: Optional[int] = None,
              device_type: str = "cuda") -> RankMemory:
     """What one rank of a ``world_size``-rank launch of ``config`` with ``ds`` holds (see the module docstring).
 
     ZeRO-1/2 ranks differ slightly (each keeps whole the gradients of parameters crossing its partition): ``rank``
-    picks one, None the largest. ``device_type`` only changes the activation estimate (``activation_bytes``)."""
-    if world_size % ds.ep_size:
-        raise ConfigError(f"ep_size {ds.ep_size} does not divide the world size {world_size}")
-    params = _shape_params(config, ds.ep_size if config.is_moe else 1)
+    picks one (TP peers hold the same), None the largest. ``device_type`` only changes the activation estimate
+    (``activation_bytes``)."""
+    _check_parallel_layout(ds, world_size)
+    params = _shape_params(config, ds.ep_size if config.is_moe else 1, ds.tp_size)
     layout = _layout(ds, world_size)
     if layout.stage == 0:
         memory = _zero0(params, layout)
@@ -510,7 +578,8 @@ def estimate(config: RecipeConfig, ds: DSConfig, world_size: int, rank: Optional
         memory = _zero12(params, layout, rank)
     else:
         memory = _zero3(params, layout)
-    activations = activation_bytes(config, ds.micro_batch_size, layout.param_bytes, ds.ep_size, device_type)
+    activations = activation_bytes(config, ds.micro_batch_size, layout.param_bytes, ds.ep_size, device_type,
+                                   ds.tp_size)
     memory.activations = activations.peak
     return memory
 
@@ -633,11 +702,13 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / GIB:,.2f}"
 
 
-def _row_notes(config: RecipeConfig, ds: DSConfig, world_size: int, layout: _Layout) -> dict[str, str]:
+def _row_notes(config: RecipeConfig, ds: DSConfig, layout: _Layout) -> dict[str, str]:
     """What each row counts, in words, for this launch."""
     m = config.model
-    stage, dtype, edp = layout.stage, ds.precision, layout.expert_dp
-    experts = f"{dtype}, {m.num_experts // ds.ep_size} of {m.num_experts} per MoE layer" if config.is_moe else "none"
+    stage, dtype, edp, dp = layout.stage, ds.precision, layout.expert_dp, layout.dense_dp
+    sharded = f", each F/{layout.tp} wide (TP)" if layout.tp > 1 else ""
+    experts = f"{dtype}, {m.num_experts // ds.ep_size} of {m.num_experts} per MoE layer{sharded}" if config.is_moe \
+        else "none"
     if stage == 3 and config.is_moe:
         experts += f", partitioned over {edp} ranks" if edp > 1 else ", whole (expert-data-parallel size 1)"
     grad_dtype = ds.deepspeed.get("data_types", {}).get("grad_accum_dtype") or dtype
@@ -646,11 +717,14 @@ def _row_notes(config: RecipeConfig, ds: DSConfig, world_size: int, layout: _Lay
     master = "fp32 master + " if stage > 0 or layout.param_bytes != FP32 else ""
     buffers = {0: "the all-reduce's flat gradient copy", 1: "reduce bucket + gradients before their reduction",
                2: "reduce bucket", 3: "reduce bucket + gathered parameters"}[stage]
+    dense = f"partitioned over {dp} ranks" if stage == 3 else "whole on every rank"
+    if layout.tp > 1:  # attention and FFN sharded, the rest replicated on the TP peers
+        dense = f"attention/FFN 1/{layout.tp} (TP), embedding/head/norms/router whole"
     return {
-        "dense_params": f"{dtype}, {f'partitioned over {world_size} ranks' if stage == 3 else 'whole on every rank'}",
+        "dense_params": f"{dtype}, {dense}",
         "expert_params": experts,
         "grads": f"{grad_dtype}, {grads.get(stage, grads[1])}",
-        "optimizer": master + moments + ("" if stage == 0 else f"; over {world_size} ranks, experts over {edp}"),
+        "optimizer": master + moments + ("" if stage == 0 else f"; over {dp} ranks, experts over {edp}"),
         "buffers": buffers,
         "activations": f"micro-batch {ds.micro_batch_size} x {config.data.seq_len} tokens, checkpointing "
                        f"{'on' if m.checkpoint else 'off'}, backward's start",
@@ -664,12 +738,12 @@ def plan_table(config: RecipeConfig, ds: DSConfig, world_size: int, device_type:
     name = Path(config.source).stem if config.source else "config"
     header = (f"moe-recipe memory plan: {name} ({config.model_type}) {counts['total'] / 1e6:.2f}M params "
               f"({counts['active'] / 1e6:.2f}M active) | {world_size} ranks, ep_size {ds.ep_size}, "
-              f"ZeRO-{ds.zero_stage} {ds.precision} | per rank:")
+              f"tp_size {ds.tp_size} (dp {ds.dp_size(world_size)}), ZeRO-{ds.zero_stage} {ds.precision} | per rank:")
     labels = {"dense_params": "parameters, dense", "expert_params": "parameters, experts", "grads": "gradients",
               "optimizer": "optimizer state", "buffers": "communication buffers", "activations": "activations",
               "step_buffers": "optimizer step"}
     layout = _layout(ds, world_size)
-    notes = _row_notes(config, ds, world_size, layout)
+    notes = _row_notes(config, ds, layout)
     lines = [header, f"  {'':<22} {'GiB':>9} {'bytes':>17}  what"]
     for name, label in labels.items():
         value = getattr(memory, name)
@@ -689,6 +763,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ds_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
     parser.add_argument("--nproc", type=int, required=True, help="ranks in the launch (all nodes)")
     parser.add_argument("--ep_size", type=int, help="expert-parallel size, instead of the JSON's moe_recipe.ep_size")
+    parser.add_argument("--tp_size", type=int,
+                        help="tensor-parallel size, instead of the JSON's tensor_parallel.autotp_size")
     parser.add_argument("--micro_batch", type=int,
                         help="sequences per rank per micro-batch, instead of the JSON's train_micro_batch_size_per_gpu")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -707,6 +783,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         raw = read_ds_config(args.ds_config)
         if args.ep_size is not None:
             raw.setdefault("moe_recipe", {})["ep_size"] = args.ep_size
+        if args.tp_size is not None:
+            if args.tp_size < 1:
+                raise ConfigError(f"--tp_size must be a positive number of ranks, got {args.tp_size}")
+            if args.nproc % args.tp_size:
+                raise ConfigError(f"--tp_size {args.tp_size} does not divide --nproc {args.nproc}; use a tp_size "
+                                  f"that divides the number of ranks")
+            raw.setdefault("tensor_parallel", {})["autotp_size"] = args.tp_size
         if args.micro_batch is not None:  # train_batch_size, if given, follows from it
             raw["train_micro_batch_size_per_gpu"] = args.micro_batch
             raw.pop("train_batch_size", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -321,3 +322,135 @@ def test_bad_input_is_one_line_and_exit_2(capsys, args, problem):
     code, out, err = _plan(capsys, *args)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and problem in err and err.startswith("error: ")
+
+
+# ---- tensor parallelism -----------------------------------------------------------------------------------------
+
+# Small enough to count by hand: M 32, 4 heads of 8 (q 32 rows), 2 kv heads (k, v 16 rows each), a dense block 0
+# (F 48) and an MoE block 1 (4 experts of F 16, one shared expert of 24, its gate), qkv bias, per-head q/k norms.
+TP_MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                qk_norm="head", qkv_bias=True, vocab_size=64, max_seq_len=16, intermediate_size=48,
+                moe_dense_first_layers=1, num_experts=4, moe_gate_k=2, moe_intermediate_size=16,
+                moe_num_shared_experts=1, moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True)
+# Elements on one TP rank. Whole on every TP rank: embedding and lm_head (64 x 32 each), final norm, the two
+# norms of each block, q_norm/k_norm (8 each), the router (4 x 32), shared_gate (32).
+TP_REPLICATED = 2 * 64 * 32 + 32 + 2 * 2 * 32 + 2 * 2 * 8 + 4 * 32 + 32
+# Split over TP: per block wqkv (64 x 32, bias 64) and wo (32 x 32); block 0's FFN 3 x 48 x 32; the shared expert
+# 3 x 24 x 32.
+TP_SHARDED = 2 * (64 * 32 + 64 + 32 * 32) + 3 * 48 * 32 + 3 * 24 * 32
+
+
+def _tp_config(**model):
+    return config_from_dict({"model_type": "INTERNLM_MoE", "model": {**TP_MODEL, **model}, "data": {"seq_len": 16}})
+
+
+def test_tp_shapes_halve_attention_ffn_and_experts_not_the_rest():
+    config = _tp_config()
+    whole, half = dict(parameter_shapes(config, 2)), dict(parameter_shapes(config, 2, tp_size=2))
+    assert half["blocks.0.attention.wqkv.weight"] == (32, 32)  # (16 q + 8 k + 8 v rows) of 64
+    assert half["blocks.0.attention.wqkv.bias"] == (32,)
+    assert half["blocks.1.attention.wo.weight"] == (32, 16)
+    assert half["blocks.0.ffn.w1.weight"] == half["blocks.0.ffn.w3.weight"] == (24, 32)
+    assert half["blocks.0.ffn.w2.weight"] == (32, 24)
+    assert half["blocks.1.shared_mlp.w1.weight"] == (12, 32) and half["blocks.1.shared_mlp.w2.weight"] == (32, 12)
+    experts = "blocks.1.ffn.deepspeed_moe.experts."
+    assert half[f"{experts}w1"] == half[f"{experts}w3"] == (2, 8, 32) and half[f"{experts}w2"] == (2, 32, 8)
+    replicated = ["embedding.weight", "lm_head.weight", "norm.weight", "blocks.0.attention_norm.weight",
+                  "blocks.1.ffn_norm.weight", "blocks.0.attention.q_norm.weight", "blocks.1.attention.k_norm.weight",
+                  "blocks.1.ffn.deepspeed_moe.gate.wg.weight", "blocks.1.shared_gate.weight"]
+    assert all(half[name] == whole[name] for name in replicated)
+    assert list(half) == list(whole)  # the same parameters, in the model's order
+    dense = sum(math.prod(shape) for name, shape in half.items() if not is_expert_parameter(name))
+    assert dense == TP_REPLICATED + TP_SHARDED // 2
+
+
+def test_tp_bytes_by_hand_at_zero0_and_zero2():
+    """8 ranks, tp 2, ep 2: dp 4, expert-data-parallel 2; this rank's experts are (E/ep)·3·M·F/tp = 2·3·32·8.
+    ZeRO-0 holds it all, moments whole; ZeRO-2 partitions the fp32 master and both moments over dp (dense) and 2
+    (experts). Every size here is a multiple of 2·dp, so no flat group is padded."""
+    config = _tp_config()
+    dense, expert = TP_REPLICATED + TP_SHARDED // 2, (4 // 2) * 3 * 32 * (16 // 2)
+    zero0 = estimate(config, dataclasses.replace(_ds(0, "fp32", 2), tp_size=2), 8)
+    assert (zero0.dense_params, zero0.expert_params) == (dense * 4, expert * 4)
+    assert zero0.grads == (dense + expert) * 4 and zero0.optimizer == (dense + expert) * 4 * 2
+    zero2 = estimate(config, dataclasses.replace(_ds(2, "fp32", 2), tp_size=2), 8)
+    assert (zero2.dense_params, zero2.expert_params) == (dense * 4, expert * 4)
+    assert zero2.optimizer == (dense // 4 + expert // 2) * 4 * 3
+
+
+def test_tp2_against_tp1_at_the_same_data_parallel_size():
+    """tp 2 on 8 ranks against tp 1 on 4 ranks (dp 4, ep 2 both): the split half of the dense parameters and half
+    of the experts go, with their gradients and optimizer state; the residual stream, router and logits stay, so
+    activations shrink by less than half, by exactly twice as much as from tp 2 to tp 4 (with 4 kv heads)."""
+    config = _tp_config()
+    ds = _ds(1, "bf16", 2, micro_batch=2)
+    tp1, tp2 = estimate(config, ds, 4), estimate(config, dataclasses.replace(ds, tp_size=2), 8)
+    assert tp1.dense_params - tp2.dense_params == TP_SHARDED // 2 * 2
+    assert tp2.expert_params * 2 == tp1.expert_params
+    assert tp2.optimizer < tp1.optimizer and tp2.grads < tp1.grads
+    four_kv_heads = _tp_config(num_key_value_heads=4)
+    activations = [activation_bytes(four_kv_heads, 2, 2, 2, "cpu", tp_size=tp).peak for tp in (1, 2, 4)]
+    assert activations[0] / 2 < activations[1] < activations[0]
+    assert activations[0] - activations[1] == 2 * (activations[1] - activations[2])
+    assert tp2.activations == activation_bytes(config, 2, 2, 2, "cuda", tp_size=2).peak
+    with pytest.raises(ValueError, match="tp_size 4 does not divide the key/value heads"):
+        activation_bytes(config, 2, 2, 2, "cpu", tp_size=4)
+
+
+def test_tp_peers_hold_the_same_and_tp1_is_unchanged():
+    """ZeRO-2 ranks 2k and 2k+1 are TP peers (TP is the innermost group): data-parallel rank k. tp 1 keeps the
+    estimate it had (DSConfig's default)."""
+    config = _tp_config()
+    ds = dataclasses.replace(_ds(2, "fp32", 2), tp_size=2)
+    per_rank = [estimate(config, ds, 8, rank=r).grads for r in range(8)]
+    assert per_rank[0::2] == per_rank[1::2] and estimate(config, ds, 8).grads == max(per_rank)
+    assert estimate(config, dataclasses.replace(ds, tp_size=1), 4) == estimate(config, _ds(2, "fp32", 2), 4)
+
+
+@pytest.mark.parametrize("world, tp, ep, stage, model, problem", [
+    (8, 3, 1, 1, {}, "tp_size 3 does not divide the world size 8"),
+    (4, 2, 4, 1, {}, "ep_size 4 does not divide the data-parallel size 2 (4 ranks / tp_size 2)"),
+    (8, 2, 2, 3, {}, "ZeRO-3 with tp_size 2 is refused"),
+    (8, 4, 2, 1, {}, "tp_size 4 does not divide the key/value heads (2)"),
+    (8, 2, 2, 1, {"moe_intermediate_size": 15}, "tp_size 2 does not divide the experts' intermediate size (15)"),
+    (8, 2, 2, 1, {"qk_norm": "full"}, "does not support model.qk_norm='full'"),
+])
+def test_tp_layouts_the_trainer_refuses_are_refused(world, tp, ep, stage, model, problem):
+    from recipe.config import ConfigError
+
+    ds = dataclasses.replace(_ds(stage, "bf16", ep), tp_size=tp)
+    with pytest.raises(ConfigError) as caught:
+        estimate(_tp_config(**model), ds, world)
+    assert problem in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_command_plans_the_30b_model_with_tp(capsys):
+    ds_config = str(ROOT / "ds_configs" / "zero1_bf16_ep2.json")
+    rows = {}
+    for nproc, tp in ((4, 1), (8, 2)):
+        code, out, err = _plan(capsys, "--ds_config", ds_config, "--nproc", str(nproc), "--ep_size", "4",
+                               "--tp_size", str(tp))
+        assert code == 0, err
+        assert f"{nproc} ranks, ep_size 4, tp_size {tp} (dp 4), ZeRO-1 bf16" in out.splitlines()[0]
+        rows[tp] = {line[:24].strip(): int(line[24:].split()[1].replace(",", ""))
+                    for line in out.splitlines()[2:] if not line.startswith("  note")}
+    assert rows[2]["parameters, experts"] * 2 == rows[1]["parameters, experts"]
+    assert rows[2]["parameters, dense"] < rows[1]["parameters, dense"]
+    assert "32 of 128 per MoE layer, each F/2 wide (TP)" in out and "over 4 ranks, experts over 1" in out
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--nproc", "8", "--tp_size", "3"], "--tp_size 3 does not divide --nproc 8"),
+    (["--nproc", "8", "--tp_size", "0"], "--tp_size must be a positive number"),
+    (["--nproc", "8", "--tp_size", "2", "--ep_size", "8"], "ep_size 8 does not divide the data-parallel size 4"),
+])
+def test_bad_tp_input_is_one_line_and_exit_2(capsys, args, problem):
+    code, out, err = _plan(capsys, "--ds_config", str(ROOT / "ds_configs" / "zero1_bf16_ep2.json"), *args)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and problem in err and err.startswith("error: ")
+
+
+def test_the_command_refuses_zero3_with_tp(capsys):
+    code, out, err = _plan(capsys, "--ds_config", str(ROOT / "ds_configs" / "zero3_bf16_ep2.json"), "--nproc", "8",
+                           "--tp_size", "2")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "ZeRO" in err
