@@ -10,6 +10,8 @@ Layout under ``<run_dir>/checkpoints/``::
                                              the tag, then one line per file: name and size in bytes
         mp_rank_00_model_states.pt           non-expert weights, LR schedule, client state (DeepSpeed)
         layer_{L}_expert_{E}_mp_rank_00_model_states.pt   one file per expert per MoE layer (DeepSpeed)
+                                             with tensor parallelism (TP) both per TP rank: mp_rank_{T:02d},
+                                             each holding that rank's slices (``recipe.model.tp_layout``)
         *_optim_states.pt                    ZeRO / optimizer shards (DeepSpeed)
         recipe_rank{R}.pt                    data position and RNG state of rank R (ours)
 
@@ -43,12 +45,17 @@ import torch
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 MODEL_FILE = "mp_rank_00_model_states.pt"
-EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
+EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt")
 
 
-def expert_file_name(moe_layer: int, expert: int) -> str:
+def model_file_name(tp_rank: int = 0) -> str:
+    """TP rank ``tp_rank``'s file of the non-expert weights (DeepSpeed's name for it)."""
+    return f"mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def expert_file_name(moe_layer: int, expert: int, tp_rank: int = 0) -> str:
     """The file of global expert ``expert`` of the ``moe_layer``-th MoE layer (DeepSpeed's name for it)."""
-    return f"layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
+    return f"layer_{moe_layer}_expert_{expert}_mp_rank_{tp_rank:02d}_model_states.pt"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -103,10 +110,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def missing_files(folder: Path, world_size: int, moe_layers: int, num_experts: int) -> list[str]:
+def missing_files(folder: Path, world_size: int, moe_layers: int, num_experts: int, tp_size: int = 1) -> list[str]:
     """What a complete checkpoint of this layout must hold and ``folder`` lacks (or holds empty)."""
-    expected = [MODEL_FILE] + [f"recipe_rank{r}.pt" for r in range(world_size)]
-    expected += [expert_file_name(layer, e) for layer in range(moe_layers) for e in range(num_experts)]
+    expected = [model_file_name(t) for t in range(tp_size)] + [f"recipe_rank{r}.pt" for r in range(world_size)]
+    expected += [expert_file_name(layer, e, t) for layer in range(moe_layers) for e in range(num_experts)
+                 for t in range(tp_size)]
     missing = [name for name in expected if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
     if not any(folder.glob("*optim_states.pt")):
         missing.append("*optim_states.pt")
@@ -123,10 +131,11 @@ def begin(run_dir: str | Path, tag: str) -> Path:
     return folder
 
 
-def commit(run_dir: str | Path, tag: str, world_size: int, moe_layers: int, num_experts: int) -> None:
+def commit(run_dir: str | Path, tag: str, world_size: int, moe_layers: int, num_experts: int,
+           tp_size: int = 1) -> None:
     """Rank 0, after every rank saved: verify, mark complete, then point ``latest`` at it (atomically)."""
     folder = checkpoint_root(run_dir) / tag
-    missing = missing_files(folder, world_size, moe_layers, num_experts)
+    missing = missing_files(folder, world_size, moe_layers, num_experts, tp_size)
     if missing:
         raise RuntimeError(f"checkpoint {folder} is incomplete after saving (missing {missing[:5]}); "
                            f"`latest` still names the previous checkpoint")
@@ -240,6 +249,8 @@ class RankState:
     expert_dp_rank: Optional[int] = None
     zero_stage: Optional[int] = None
     precision: Optional[str] = None
+    tp_size: int = 1  # tensor parallelism (1 for checkpoints from before it)
+    tp_rank: int = 0
     optimizer_param_names: Optional[list[list[str]]] = None  # plain torch optimizer: names behind its indices
 
     def to_dict(self) -> dict:
@@ -295,19 +306,37 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = Non
         if tag is None:
             raise FileNotFoundError(f"no complete checkpoint in {root}; train first (or pass a tag)")
     folder = root / tag
-    model_file = folder / MODEL_FILE
+    saved = _read_model_file(folder, 0)
+    tp_size = saved.get("tp_size", 1)
+    per_tp_rank = [_tp_rank_weights(folder, t, saved if t == 0 else _read_model_file(folder, t),
+                                    saved.get("num_experts") or []) for t in range(tp_size)]
+    state = per_tp_rank[0]
+    if tp_size > 1:
+        from .config import config_from_saved
+        from .model.tp_layout import join_state_dicts, qkv_rows
+
+        state = join_state_dicts(per_tp_rank, qkv_rows(config_from_saved(saved["config"])))
+    client_state = {k: v for k, v in saved.items() if k not in ("module", "optimizer")}
+    return state, client_state
+
+
+def _read_model_file(folder: Path, tp_rank: int) -> dict:
+    model_file = folder / model_file_name(tp_rank)
     if not model_file.is_file():
         raise FileNotFoundError(f"{model_file} not found: {folder} is not a complete checkpoint")
     try:
-        saved = torch.load(model_file, map_location="cpu", weights_only=False)
+        return torch.load(model_file, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise ValueError(f"{model_file} cannot be read ({exc}); the file is truncated or corrupt") from exc
+
+
+def _tp_rank_weights(folder: Path, tp_rank: int, saved: dict, expected: list[int]) -> dict:
+    """TP rank ``tp_rank``'s weights: its non-expert file and every expert file of its slices."""
     state = dict(saved["module"])
-    expected = saved.get("num_experts") or []
     found: dict[int, set[int]] = {}
     for path in sorted(folder.iterdir()):
         match = EXPERT_FILE.fullmatch(path.name)
-        if not match:
+        if not match or int(match.group(3)) != tp_rank:
             continue
         layer, expert = int(match.group(1)), int(match.group(2))
         try:
@@ -320,7 +349,6 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = Non
         if missing:
             raise FileNotFoundError(
                 f"checkpoint {folder} lacks expert files for MoE layer {layer}, experts {missing[:8]}"
-                f"{'...' if len(missing) > 8 else ''}; it is incomplete"
+                f"{'...' if len(missing) > 8 else ''} (TP rank {tp_rank}); it is incomplete"
             )
-    client_state = {k: v for k, v in saved.items() if k not in ("module", "optimizer")}
-    return state, client_state
+    return state

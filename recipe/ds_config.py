@@ -13,7 +13,8 @@ whose package is not installed is refused with the install command; an enabled `
 of ``train.wandb`` (the recipe's own wandb run).
 ZeRO stage 3 with MoE runs the experts partitioned over their expert-data-parallel group (``ShardedMoE``); the
 ZeRO-3 settings that would mix experts across ranks (hpZ, quantized weights or gradients, MiCS) and offload are
-refused with it. Pipeline, tensor and sequence parallelism are refused: the recipe does not run them.
+refused with it. Tensor parallelism is DeepSpeed's ``"tensor_parallel": {"autotp_size": N}`` (AutoTP for attention
+and the dense FFN, the recipe's own split of every expert's F); pipeline and sequence parallelism are refused.
 Combinations DeepSpeed would assert on later (or silently mistrain with) are rejected here, up front, and so are
 keys DeepSpeed's own config parser never reads (typos it would ignore), blocks its pydantic models refuse, and
 optimizer or scheduler types it cannot build; a JSON whose top level is not an object is refused when read.
@@ -49,9 +50,14 @@ class DSConfig:
     zero_stage: int
     micro_batch_size: int
     grad_accum_steps: int
+    tp_size: int = 1  # tensor-parallel size, DeepSpeed's tensor_parallel.autotp_size (1: none)
+
+    def dp_size(self, world_size: int) -> int:
+        """Data-parallel ranks: TP peers share one batch."""
+        return world_size // self.tp_size
 
     def global_batch_size(self, world_size: int) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * world_size
+        return self.micro_batch_size * self.grad_accum_steps * self.dp_size(world_size)
 
 
 def read_ds_config(path: str | Path) -> dict:
@@ -78,19 +84,23 @@ def resolve_ds_config(raw: dict, config: RecipeConfig, world_size: int, path: st
     """Validate a ds_config against the recipe config and world size; return what DeepSpeed gets."""
     ds = copy.deepcopy(raw)
     ep_size = _pop_ep_size(ds, path)
-    micro, accum = _batch_sizes(ds, world_size, path)
+    _check_parallelism(ds, path)
+    tp_size = _tensor_parallel(ds, config, world_size, path)
+    micro, accum = _batch_sizes(ds, world_size // tp_size, path)
     precision = _precision(ds, path)
     stage = _zero_stage(ds, config, path)
-    _check_ep_size(ep_size, config, world_size, path)
+    if tp_size > 1 and stage == 3:
+        raise ConfigError(f"{path}: tensor parallelism with ZeRO stage 3 is not supported by the recipe (ZeRO-3 "
+                          f"would miss the TP shards in the grad norm); use ZeRO stage 0-2 with TP, or TP 1")
+    _check_ep_size(ep_size, config, world_size // tp_size, path)
     _fill_auto_schedule(ds, config.train.steps)
     _check_monitors(ds, config.train.run_dir, path)
-    _check_parallelism(ds, path)
     if "optimizer" not in ds:
         raise ConfigError(f"{path}: declare the optimizer in the ds_config (e.g. AdamW); the recipe builds none itself")
     _check_types(ds, path)
     _check_deepspeed_reads_every_key(ds, path)
     return DSConfig(path=str(path), deepspeed=ds, ep_size=ep_size, precision=precision, zero_stage=stage,
-                    micro_batch_size=micro, grad_accum_steps=accum)
+                    micro_batch_size=micro, grad_accum_steps=accum, tp_size=tp_size)
 
 
 def _pop_ep_size(ds: dict, path: str) -> int:
@@ -101,7 +111,7 @@ def _pop_ep_size(ds: dict, path: str) -> int:
     return _positive_int(recipe.get("ep_size", 1), f"{path}: {RECIPE_BLOCK}.ep_size")
 
 
-def _batch_sizes(ds: dict, world_size: int, path: str) -> tuple[int, int]:
+def _batch_sizes(ds: dict, dp_size: int, path: str) -> tuple[int, int]:
     """(micro batch per rank, gradient accumulation steps); ``train_batch_size``, if given, must agree."""
     if "train_micro_batch_size_per_gpu" not in ds:
         raise ConfigError(f"{path}: set train_micro_batch_size_per_gpu (batch sizes live in the ds_config)")
@@ -109,10 +119,10 @@ def _batch_sizes(ds: dict, world_size: int, path: str) -> tuple[int, int]:
     accum = _positive_int(ds.get("gradient_accumulation_steps", 1), f"{path}: gradient_accumulation_steps")
     if "train_batch_size" in ds:
         global_batch = _positive_int(ds["train_batch_size"], f"{path}: train_batch_size")
-        if global_batch != micro * accum * world_size:
+        if global_batch != micro * accum * dp_size:
             raise ConfigError(
                 f"{path}: train_batch_size {global_batch} != micro batch {micro} x gradient accumulation {accum} "
-                f"x data-parallel size {world_size} = {micro * accum * world_size}; remove train_batch_size "
+                f"x data-parallel size {dp_size} = {micro * accum * dp_size}; remove train_batch_size "
                 f"(it is derived) or fix the other two"
             )
     return micro, accum
@@ -178,11 +188,12 @@ def _check_zero3_moe(zero: dict, config: RecipeConfig, path: str) -> None:
                               f"with partitioned experts); remove it, or use ds_configs/zero2_fp32_offload.json")
 
 
-def _check_ep_size(ep_size: int, config: RecipeConfig, world_size: int, path: str) -> None:
-    """The expert-parallel size must divide the ranks and the experts; dense models have none."""
-    if world_size % ep_size != 0:
-        raise ConfigError(f"{path}: {RECIPE_BLOCK}.ep_size {ep_size} does not divide the world size {world_size}; "
-                          f"launch a multiple of {ep_size} ranks or use a smaller ep_size")
+def _check_ep_size(ep_size: int, config: RecipeConfig, dp_size: int, path: str) -> None:
+    """The expert-parallel size must divide the data-parallel ranks and the experts; dense models have none."""
+    if dp_size % ep_size != 0:
+        raise ConfigError(f"{path}: {RECIPE_BLOCK}.ep_size {ep_size} does not divide the data-parallel size "
+                          f"{dp_size} (ranks / TP); launch a multiple of {ep_size} x TP ranks or use a smaller "
+                          f"ep_size")
     if config.is_moe and config.model.num_experts % ep_size != 0:
         raise ConfigError(f"`model.num_experts` ({config.model.num_experts}) is not divisible by "
                           f"{RECIPE_BLOCK}.ep_size {ep_size} from {path}; use a multiple of {ep_size} experts "
@@ -199,13 +210,58 @@ def _check_parallelism(ds: dict, path: str) -> None:
         # own train_batch loop, and with MoE a stage holding no MoE layer deadlocks (DEEPSPEED-SCALE.md §3).
         raise ConfigError(f"{path}: pipeline parallelism is not supported by the recipe (the `pipeline` block); "
                           f"remove the block and scale with data, expert parallelism and ZeRO (README: Scaling out)")
-    autotp = (ds.get("tensor_parallel") or {}).get("autotp_size", 1)
-    if autotp not in (0, 1):
-        raise ConfigError(f"{path}: tensor parallelism (tensor_parallel.autotp_size {autotp}) is not supported by the "
-                          f"recipe yet; remove the block and scale with expert parallelism and ZeRO-3")
     if ds.get("sequence_parallel_size", 1) != 1:
         raise ConfigError(f"{path}: sequence parallelism (sequence_parallel_size {ds['sequence_parallel_size']}) "
                           f"is not supported by the recipe; remove the key")
+
+
+def _tensor_parallel(ds: dict, config: RecipeConfig, world_size: int, path: str) -> int:
+    """The TP size, DeepSpeed's ``tensor_parallel.autotp_size`` (0 or 1: none). The recipe writes AutoTP's
+    ``partition_config`` for its own module names (``recipe.model.tp_layout``); the sizes it cuts must divide."""
+    block = ds.get("tensor_parallel")
+    if block is None:
+        return 1
+    if not isinstance(block, dict) or set(block) - {"autotp_size"}:
+        raise ConfigError(f"{path}: the `tensor_parallel` block takes only autotp_size (the recipe writes AutoTP's "
+                          f"partition_config for its own layers), got {block!r}")
+    tp_size = block.get("autotp_size", 0)
+    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 0:
+        raise ConfigError(f"{path}: tensor_parallel.autotp_size must be a non-negative integer, got {tp_size!r}")
+    if tp_size <= 1:
+        del ds["tensor_parallel"]
+        return 1
+    if world_size % tp_size:
+        raise ConfigError(f"{path}: tensor_parallel.autotp_size {tp_size} does not divide the {world_size} ranks; "
+                          f"launch a multiple of {tp_size} ranks")
+    _check_tp_model(config, tp_size, path)
+    from .model.tp_layout import autotp_partition_config
+
+    ds["tensor_parallel"] = {"autotp_size": tp_size, "partition_config": autotp_partition_config(config)}
+    return tp_size
+
+
+def _check_tp_model(config: RecipeConfig, tp_size: int, path: str) -> None:
+    """Every size TP cuts is a multiple of TP, and the model has nothing TP cannot split."""
+    m = config.model
+    sizes = {"model.num_attention_heads": m.num_attention_heads, "model.num_key_value_heads":
+             m.resolved_kv_heads}
+    if len(config.moe_layer_ids()) < m.num_layers:
+        sizes["the dense FFN size"] = m.ffn_size
+    if config.is_moe:
+        sizes["the expert size"] = m.expert_size
+        if m.moe_num_shared_experts:
+            sizes["the shared-expert size"] = m.shared_expert_size
+    for what, size in sizes.items():
+        if size % tp_size:
+            raise ConfigError(f"{path}: {what} ({size}) is not divisible by tensor_parallel.autotp_size {tp_size}; "
+                              f"use a TP size that divides it")
+    refused = {"model.qk_norm='full' (one norm over all heads)": m.qk_norm == "full",
+               "model.moe_impl='deepspeed'": config.is_moe and m.moe_impl == "deepspeed",
+               f"model.moe_expert={m.moe_expert!r} (only 'swiglu' experts are split)":
+                   config.is_moe and m.moe_expert != "swiglu"}
+    for what, is_set in refused.items():
+        if is_set:
+            raise ConfigError(f"{path}: tensor parallelism does not support {what}; use autotp_size 1")
 
 
 def _fill_auto_schedule(ds: dict, train_steps: int) -> None:

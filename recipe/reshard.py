@@ -16,6 +16,9 @@ Source formats (what DeepSpeed 0.19 writes for our runs; targets are the same en
   sub-group a flat fp32 partition and its Adam state, concatenating one partition of every parameter of the
   sub-group (listed in the model-states file's ``param_shapes``); experts are split over their
   expert-data-parallel group, dense weights over all ranks (ZeRO-3 records which, ``ds_zero_partition_groups``).
+- ZeRO-1/2 with tensor parallelism (``zero_pp_rank_{D}_mp_rank_{T}_optim_states.pt``): one such set per TP rank
+  over its data-parallel ranks, holding that rank's slices (``recipe.model.tp_layout``), joined after reading;
+  ``sliced_for_tp`` cuts them again for an engine of another TP size.
 - fp32 without ZeRO (``expp_rank_{E}_mp_rank_00_optim_states.pt``, one per expert-parallel rank): the torch
   optimizer's own state dict, keyed by parameter index; the names behind the indices are recorded by the
   trainer in ``recipe_rank{R}.pt`` (``optimizer_param_names``).
@@ -34,7 +37,9 @@ from typing import Optional
 import torch
 
 from .checkpoint import RankState, _latest_in, consolidated_state_dict, saved_rank_states
+from .config import config_from_saved
 from .model.expert_keys import global_keys, is_expert_parameter, parse_stacked
+from .model.tp_layout import QKVRows, join_state_dicts, qkv_rows, tp_slice
 
 QUANTITIES = ("fp32", "exp_avg", "exp_avg_sq")  # master weight and Adam's two moments
 
@@ -77,11 +82,13 @@ def from_global_keys(name: str, store: dict[str, torch.Tensor], ep_rank: int, nu
 
 # ---- reading a checkpoint ----
 
-def read_optimizer_state(folder: str | Path, weights: dict[str, torch.Tensor], num_experts: int) -> OptimizerState:
+def read_optimizer_state(folder: str | Path, weights: dict[str, torch.Tensor], num_experts: int,
+                         rows: Optional[QKVRows] = None) -> OptimizerState:
     """Per-parameter fp32 master weights and Adam moments of the checkpoint in ``folder``.
 
     ``weights``: the checkpoint's consolidated weights (global keys); they give each parameter's shape.
-    Each saving rank's layout comes from its ``recipe_rank{R}.pt``.
+    Each saving rank's layout comes from its ``recipe_rank{R}.pt``. ``rows``: the model's wqkv rows, needed to
+    join a tensor-parallel checkpoint's slices.
     """
     folder = Path(folder)
     try:
@@ -94,6 +101,8 @@ def read_optimizer_state(folder: str | Path, weights: dict[str, torch.Tensor], n
             raise ReshardError("the checkpoint predates optimizer resharding (its ranks did not record their "
                                "expert-parallel coordinates)")
     num_local = max(num_experts // ep_size, 1)
+    if ranks[0].tp_size > 1:
+        return _read_tensor_parallel(folder, ranks, weights, num_local, rows)
     zero_files = [_first_existing(folder, [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
                                            f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"])
                   for r in range(len(ranks))]
@@ -105,6 +114,37 @@ def read_optimizer_state(folder: str | Path, weights: dict[str, torch.Tensor], n
         return _read_torch_optimizer(torch_files, ranks, num_local)
     raise ReshardError(f"{folder} holds no optimizer shards this reader knows (ZeRO-1/2, bf16 or plain torch "
                        f"optimizer files)")
+
+
+def _read_tensor_parallel(folder: Path, ranks: list[RankState], weights: dict[str, torch.Tensor], num_local: int,
+                          rows: Optional[QKVRows]) -> OptimizerState:
+    """ZeRO-1/2 under TP: each TP rank's data-parallel ranks partition that rank's slices
+    (``zero_pp_rank_{D}_mp_rank_{T}``); read them as one ZeRO-1/2 run per TP rank, then join the slices."""
+    tp_size = ranks[0].tp_size
+    if rows is None:
+        raise ReshardError("a tensor-parallel checkpoint needs the model's attention shape to join its slices")
+    per_tp_rank = []
+    for tp_rank in range(tp_size):
+        peers = [state for state in ranks if state.tp_rank == tp_rank]
+        files = [_first_existing(folder, [f"{prefix}zero_pp_rank_{state.rank // tp_size}_mp_rank_{tp_rank:02d}_"
+                                          f"optim_states.pt" for prefix in ("", "bf16_")]) for state in peers]
+        if any(path is None for path in files):
+            raise ReshardError(f"{folder} lacks ZeRO-1/2 optimizer files of TP rank {tp_rank} (only ZeRO-1/2 and "
+                               f"bf16 optimizer state is carried across tensor-parallel layouts)")
+        local = {key: tp_slice(key, value, tp_rank, tp_size, rows) for key, value in weights.items()}
+        per_tp_rank.append(_read_partitioned(files, peers, local, num_local))
+    steps = {state.step for state in per_tp_rank}
+    if len(steps) != 1:
+        raise ReshardError(f"the TP ranks' optimizer state disagrees on the step count ({sorted(steps)})")
+    return OptimizerState(tensors={q: join_state_dicts([state.tensors[q] for state in per_tp_rank], rows)
+                                   for q in QUANTITIES}, step=steps.pop())
+
+
+def sliced_for_tp(state: OptimizerState, tp_rank: int, tp_size: int, rows: QKVRows) -> OptimizerState:
+    """TP rank ``tp_rank``'s slices of every tensor, to write into an engine of ``tp_size``."""
+    return OptimizerState(tensors={q: {key: tp_slice(key, value, tp_rank, tp_size, rows)
+                                       for key, value in values.items()} for q, values in state.tensors.items()},
+                          step=state.step)
 
 
 def _first_existing(folder: Path, names: list[str]) -> Optional[Path]:
@@ -134,7 +174,7 @@ def _read_partitioned(files: list[Path], ranks: list[RankState], weights: dict[s
             steps.add(float(group_states[g]["step"]))
             for name, address in mapping.items():
                 expert = is_expert_parameter(name)
-                partition = coords.expert_dp_rank if expert else coords.rank
+                partition = coords.expert_dp_rank if expert else coords.rank // coords.tp_size  # data-parallel
                 owner = coords.ep_rank if expert else 0
                 entry = fragments.setdefault((owner, name), {q: [] for q in QUANTITIES})
                 for q in QUANTITIES:
@@ -323,8 +363,9 @@ def master_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = None) -> 
     weights, client = consolidated_state_dict(root, tag)
     if all(not v.is_floating_point() or v.dtype == torch.float32 for v in weights.values()):
         return weights, client, False
+    config = config_from_saved(client["config"])
     model = client["config"]["model"]
-    masters = read_optimizer_state(root / tag, weights, model["num_experts"]).tensors.get("fp32", {})
+    masters = read_optimizer_state(root / tag, weights, model["num_experts"], qkv_rows(config)).tensors.get("fp32", {})
     state = {key: masters.get(key, value).float() for key, value in weights.items()}
     if model.get("tie_word_embeddings") and "embedding.weight" in masters:
         state["lm_head.weight"] = state["embedding.weight"]  # one parameter, two state-dict keys

@@ -108,7 +108,7 @@ def train(plan: RunPlan, samples: int = 0, position: Optional[LoopPosition] = No
 def run_training(plan: RunPlan, samples: int, position: LoopPosition) -> int:
     config, steps = plan.config, plan.config.train.steps
     quiet_deepspeed()
-    ranks = start_process_group(config.train.seed)
+    ranks = start_process_group(config.train.seed, plan.ds.tp_size, plan.ds.ep_size)
     console = position.console = Console(ranks.is_main)
     job = build_job(plan, ranks)
     start_lines: list[str] = []  # resume / reshard lines, printed after the recipe line

@@ -308,10 +308,10 @@ def test_resume_at_another_layout_without_reshard_is_refused(tiny_data, tmp_path
     ds1 = write_ds_config(tmp_path / "ep1.json", moe_recipe={"ep_size": 1})
     proc = launch(1, config, ds1, tmp_path / "run", "--resume", check=False)
     assert proc.returncode != 0
-    assert "saved with 2 ranks and ep_size 2" in proc.stderr + proc.stdout and "--reshard" in proc.stderr + proc.stdout
+    assert "saved with 2 ranks, ep_size 2 and TP 1" in proc.stderr + proc.stdout and "--reshard" in proc.stderr + proc.stdout
     proc = launch(1, config, ds1, tmp_path / "run", "--resume", "--reshard", check=False)
     assert proc.returncode != 0 and "global micro-batch must stay 16" in proc.stderr + proc.stdout
     # Same ranks and ep_size, another ZeRO stage: DeepSpeed's loader cannot read the other stage's shards.
     zero1 = write_ds_config(tmp_path / "zero1.json", base="zero1_fp32.json", moe_recipe={"ep_size": 2})
     proc = launch(2, config, zero1, tmp_path / "run", "--resume", check=False)
-    assert proc.returncode != 0 and "(ZeRO-2 fp32), this launch has 2 ranks and ep_size 2 (ZeRO-1 fp32)" in proc.stderr
+    assert proc.returncode != 0 and "(ZeRO-2 fp32), this launch has 2 ranks, ep_size 2 and TP 1 (ZeRO-1 fp32)" in proc.stderr

@@ -76,8 +76,11 @@ class CausalSelfAttention(nn.Module):
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = head_dim or hidden_size // num_heads
         self.qk_norm = qk_norm
+        # Under tensor parallelism wqkv holds whole kv-head groups (recipe.model.tp_layout) and AutoTP rewrites
+        # num_heads: forward counts this rank's heads from wqkv's output width and this ratio.
+        self.queries_per_kv = num_heads // self.num_kv_heads
         q_size, kv_size = num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
+        self.split_sizes = [q_size, kv_size, kv_size]  # wqkv's rows, unsplit
         self.wqkv = nn.Linear(hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
         self.wo = nn.Linear(q_size, hidden_size, bias=False)
         if qk_norm != "none":
@@ -87,21 +90,23 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)  # (B, T, H·D), (B, T, KV·D) twice
+        qkv = self.wqkv(x)
+        kv_heads = qkv.shape[-1] // ((self.queries_per_kv + 2) * self.head_dim)  # this rank's; all without TP
+        heads = kv_heads * self.queries_per_kv
+        q, k, v = qkv.split([heads * self.head_dim] + [kv_heads * self.head_dim] * 2, dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        q = q.view(B, T, heads, self.head_dim)
+        k = k.view(B, T, kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, KV, T, D)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # enable_gqa shares each kv head with its H/KV query heads without copying it (on CPU, tiny-model shapes:
         # 10-18% faster than repeat_interleave, forward and backward); off for MHA: the pre-GQA kernel call.
-        grouped = self.num_kv_heads != self.num_heads
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.queries_per_kv > 1)
+        return self.wo(y.transpose(1, 2).reshape(B, T, heads * self.head_dim))  # y: (B, H, T, D)
 
 
 def moe_layer(config: RecipeConfig, ep_size: int, zero3: bool = False) -> nn.Module:
@@ -202,6 +207,12 @@ class TransformerLM(nn.Module):
     def reports_routing(self) -> bool:
         """Whether ``forward`` returns routing telemetry (``LMOutput.routing``): only our MoE layer does."""
         return any(isinstance(layer, MoEBase) for layer in self.moe_layers())
+
+    def shard_experts(self, tp_rank: int, tp_size: int) -> None:
+        """Keep TP rank ``tp_rank``'s slice of every routed expert's F (``recipe.model.tp_layout``), once the full
+        experts are initialised or loaded."""
+        for layer in self.moe_layers():
+            layer.deepspeed_moe.experts.shard_intermediate(tp_rank, tp_size)
 
     @torch.no_grad()
     def init_weights(self, seed: int, ep_rank: int = 0) -> None:

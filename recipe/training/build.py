@@ -13,7 +13,7 @@ from ..data.loader import BatchLoader, TokenDataset
 from ..ds_config import DSConfig
 from ..init_from import parse_init_from
 from ..model.moe import ShardedMoE
-from ..model.moe.dispatch import expert_parallel_rank
+from ..model.moe.dispatch import check_group_order, expert_parallel_rank, tensor_parallel_rank
 from ..model.transformer import TransformerLM
 from .balancing import ExpertBiasBalancer
 from .checkpointing import ReshardSource, load_resharded_weights, read_reshard_source
@@ -41,7 +41,7 @@ class Job:
 
 def build_job(plan: RunPlan, ranks: Ranks) -> Job:
     config, ds = plan.config, plan.ds
-    ep_rank = expert_parallel_rank(ds.ep_size) if config.is_moe else 0  # creates DeepSpeed's EP groups
+    ep_rank = expert_parallel_rank(ds.ep_size) if config.is_moe else 0
     model = TransformerLM(config, ep_size=ds.ep_size, zero3=ds.zero_stage == 3)
     if config.train.init_from is not None and plan.resume_tag is None:  # on --resume the checkpoint wins
         load_initial_weights(model, config, ep_rank)  # writes every weight: a random init first would be lost
@@ -51,9 +51,11 @@ def build_job(plan: RunPlan, ranks: Ranks) -> Job:
     if plan.reshard:  # another layout: every expert file is read, this rank keeps its own experts
         source = read_reshard_source(plan)
         load_resharded_weights(model, source, ep_rank)
+    if ds.tp_size > 1:  # after every full weight is in place; AutoTP cuts the dense ones in deepspeed.initialize
+        model.shard_experts(tensor_parallel_rank(), ds.tp_size)
     engine, scheduler = start_engine(model, ds)
     train_data = TokenDataset(Path(config.data.path), "train")
-    loader = BatchLoader(train_data, config.data.seq_len, ds.micro_batch_size, ranks.rank, ranks.world_size,
+    loader = BatchLoader(train_data, config.data.seq_len, ds.micro_batch_size, ranks.dp_rank, ranks.dp_size,
                          seed=config.data.seed)
     return Job(model=model, engine=engine, scheduler=scheduler, loader=loader,
                val_data=TokenDataset(Path(config.data.path), "val"), ep_rank=ep_rank,
@@ -95,6 +97,7 @@ def start_engine(model: TransformerLM, ds: DSConfig):
         # One gather of router and experts per layer call: the dispatcher calls into the experts directly, so
         # hooks on the experts module itself would never fire.
         deepspeed.utils.set_z3_leaf_modules(model, [ShardedMoE])
+    check_group_order(ds.tp_size)  # the engine keeps whatever groups exist: they must be the TP-aware ones
     weight_decay = ds.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.0)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                                    config=ds.deepspeed)

@@ -22,9 +22,10 @@ from ..checkpoint import (MODEL_FILE, RankState, begin, checkpoint_root, commit,
 from ..hf_format import HF_SOURCE_CONFIG
 from ..init_from import parse_init_from
 from ..model.expert_keys import local_to_global, parse_expert_key, shard_experts
-from ..model.moe.dispatch import expert_data_parallel_rank
+from ..model.moe.dispatch import expert_data_parallel_rank, tensor_parallel_rank
 from ..model.transformer import TransformerLM
-from ..reshard import ReshardError, load_optimizer_state, read_optimizer_state
+from ..model.tp_layout import qkv_rows
+from ..reshard import ReshardError, load_optimizer_state, read_optimizer_state, sliced_for_tp
 from .distributed import Ranks, barrier, ranks_where
 from .plan import RunPlan, schedule_change
 
@@ -171,7 +172,11 @@ def resume_resharded(plan: RunPlan, job: Job, log: Log) -> int:
     job.loader.load_state_dict(own.loader)
     start_step = job.engine.global_steps = own.step
     try:
-        moved = read_optimizer_state(checkpoint_root(plan.run_dir) / tag, source.weights, plan.config.model.num_experts)
+        rows = qkv_rows(plan.config)
+        moved = read_optimizer_state(checkpoint_root(plan.run_dir) / tag, source.weights, plan.config.model.num_experts,
+                                     rows)
+        if plan.ds.tp_size > 1:
+            moved = sliced_for_tp(moved, tensor_parallel_rank(), plan.ds.tp_size, rows)
         load_optimizer_state(job.engine, moved, job.ep_rank, job.model.num_local_experts)
         carried = "fp32 master weights, Adam moments, "
     except ReshardError as exc:  # the weights are in place already; only the moments are lost
@@ -189,13 +194,14 @@ def save(plan: RunPlan, job: Job, ranks: Ranks, step: int) -> None:
         begin(plan.run_dir, tag)
     barrier()
     save_recipe_state(plan.run_dir, tag, ranks.rank, rank_state(plan, job, ranks, step))
-    client_state = {"step": step, "config": plan.config.to_dict()}
+    client_state = {"step": step, "config": plan.config.to_dict(), "tp_size": plan.ds.tp_size}
     job.engine.save_checkpoint(str(root), tag=tag, save_latest=False, client_state=client_state)
     if plan.ds.zero_stage == 3:
         write_gathered_weights(job, root / tag, ranks, plan.ds.ep_size, client_state)
     barrier()  # every rank's files are written
     if ranks.is_main:
-        commit(plan.run_dir, tag, ranks.world_size, len(job.model.moe_layers()), plan.config.model.num_experts)
+        commit(plan.run_dir, tag, ranks.world_size, len(job.model.moe_layers()), plan.config.model.num_experts,
+               plan.ds.tp_size)
         prune(plan.run_dir, plan.config.train.keep_last)
     barrier()
 
@@ -254,4 +260,5 @@ def rank_state(plan: RunPlan, job: Job, ranks: Ranks, step: int) -> RankState:
         step=step, loader=job.loader.state_dict(), rng=rng_state(), world_size=ranks.world_size,
         ep_size=plan.ds.ep_size, rank=ranks.rank, ep_rank=job.ep_rank,
         expert_dp_rank=expert_data_parallel_rank(plan.ds.ep_size) if plan.config.is_moe else ranks.rank,
-        zero_stage=plan.ds.zero_stage, precision=plan.ds.precision, optimizer_param_names=param_names)
+        zero_stage=plan.ds.zero_stage, precision=plan.ds.precision, tp_size=plan.ds.tp_size,
+        tp_rank=ranks.rank % plan.ds.tp_size, optimizer_param_names=param_names)

@@ -16,13 +16,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from ..model.moe.dispatch import create_parallel_groups
 from .exit_codes import ExitCode
 from .telemetry import deepspeed_log_level
 
@@ -31,19 +32,30 @@ from .telemetry import deepspeed_log_level
 class Ranks:
     rank: int
     world_size: int
+    # Data parallelism: tensor-parallel peers (same dp_rank) train on the same batches.
+    dp_rank: Optional[int] = None  # None: rank (no tensor parallelism)
+    dp_size: Optional[int] = None  # None: world_size
+
+    def __post_init__(self):
+        if self.dp_rank is None:
+            object.__setattr__(self, "dp_rank", self.rank)
+            object.__setattr__(self, "dp_size", self.world_size)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def start_process_group(seed: int) -> Ranks:
-    """Join the process group the launcher set up (env://), free DeepSpeed's shm names, seed this rank."""
+def start_process_group(seed: int, tp_size: int = 1, ep_size: int = 1) -> Ranks:
+    """Join the process group the launcher set up (env://), free DeepSpeed's shm names, make the tensor-, data-
+    and expert-parallel groups (in that order: ``create_parallel_groups``), seed this rank."""
     with _unless_told(r"DeepSpeed .* built successfully"):  # a print of every rank, whatever the log level
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
-    ranks = Ranks(rank=dist.get_rank(), world_size=dist.get_world_size())
-    release_shm_workspace(ranks.rank)
-    torch.manual_seed(seed * 1000 + ranks.rank)  # per-rank stream for routing noise, if enabled
+    release_shm_workspace(dist.get_rank())
+    create_parallel_groups(tp_size, ep_size)
+    dp_rank, dp_size = dist.get_rank() // tp_size, dist.get_world_size() // tp_size  # the mesh is (dp, tp)
+    ranks = Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), dp_rank=dp_rank, dp_size=dp_size)
+    torch.manual_seed(seed * 1000 + ranks.dp_rank)  # per-batch stream for routing noise (same on TP peers)
     return ranks
 
 

@@ -23,8 +23,8 @@ def evaluate(plan: RunPlan, job: Job, ranks: Ranks, step: int) -> dict:
     totals = torch.zeros(2, dtype=torch.float64)  # summed token losses, tokens
     engine.eval()
     with torch.no_grad():
-        for x, y in eval_batches(job.val_data, config.data.seq_len, plan.ds.micro_batch_size, ranks.rank,
-                                 ranks.world_size, max_batches=config.train.eval_batches):
+        for x, y in eval_batches(job.val_data, config.data.seq_len, plan.ds.micro_batch_size, ranks.dp_rank,
+                                 ranks.dp_size, max_batches=config.train.eval_batches):
             out = engine(x.to(job.device), y.to(job.device))
             totals += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()], dtype=torch.float64)
             if tally is not None:

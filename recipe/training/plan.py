@@ -88,11 +88,12 @@ def _check_data(config: RecipeConfig, ds: DSConfig, world_size: int) -> TokenDat
     if tokenizer.is_file() and not train_data.made_by(tokenizer):
         raise ConfigError(f"{tokenizer} is not the tokenizer the token shards in {config.data.path} were made with "
                           f"(sha256 differs); prepare the data again (make data) or put that tokenizer back")
-    samples = (train_data.num_tokens - 1) // config.data.seq_len
-    if samples < ds.micro_batch_size * world_size:
+    samples, dp_size = (train_data.num_tokens - 1) // config.data.seq_len, ds.dp_size(world_size)
+    if samples < ds.micro_batch_size * dp_size:
         raise ConfigError(
             f"{config.data.path} holds {samples} sequences of {config.data.seq_len} tokens, fewer than one global "
-            f"micro-batch ({ds.micro_batch_size} x {world_size} ranks); lower data.seq_len or the micro batch"
+            f"micro-batch ({ds.micro_batch_size} x {dp_size} data-parallel ranks); lower data.seq_len or the "
+            f"micro batch"
         )
     return train_data
 
@@ -173,20 +174,20 @@ def _needs_reshard(run_dir: Path, tag: str, ds: DSConfig, world_size: int, resha
     # DeepSpeed's own loader needs the ranks, expert-parallel size, ZeRO stage and precision the checkpoint
     # was written with (checkpoints from before the last two were recorded: assume unchanged).
     saved_shape = (saved.world_size, saved.ep_size, ds.zero_stage if saved.zero_stage is None else saved.zero_stage,
-                   saved.precision or ds.precision)
-    same_layout = saved_shape == (world_size, ds.ep_size, ds.zero_stage, ds.precision)
+                   saved.precision or ds.precision, saved.tp_size)
+    same_layout = saved_shape == (world_size, ds.ep_size, ds.zero_stage, ds.precision, ds.tp_size)
     if not same_layout and not reshard_asked:
         raise ConfigError(
-            f"checkpoint {tag} was saved with {saved_shape[0]} ranks and ep_size {saved_shape[1]} (ZeRO-"
-            f"{saved_shape[2]} {saved_shape[3]}), this launch has {world_size} ranks and ep_size {ds.ep_size} "
-            f"(ZeRO-{ds.zero_stage} {ds.precision}); resume with the same layout, or add --reshard to move it "
-            f"into this one"
+            f"checkpoint {tag} was saved with {saved_shape[0]} ranks, ep_size {saved_shape[1]} and TP "
+            f"{saved_shape[4]} (ZeRO-{saved_shape[2]} {saved_shape[3]}), this launch has {world_size} ranks, "
+            f"ep_size {ds.ep_size} and TP {ds.tp_size} (ZeRO-{ds.zero_stage} {ds.precision}); resume with the "
+            f"same layout, or add --reshard to move it into this one"
         )
     saved_batch = saved.loader["global_micro_batch"]
-    if reshard_asked and saved_batch != ds.micro_batch_size * world_size:
+    if reshard_asked and saved_batch != ds.micro_batch_size * ds.dp_size(world_size):
         raise ConfigError(
             f"--reshard keeps the data order, so the global micro-batch must stay {saved_batch} sequences; "
-            f"set train_micro_batch_size_per_gpu to {saved_batch} / number of ranks"
+            f"set train_micro_batch_size_per_gpu to {saved_batch} / data-parallel ranks (ranks / TP)"
         )
     return not same_layout
 

@@ -10,7 +10,13 @@ experts on those rows and returns ``out_SM``: each token's weighted sum of its e
   pre (counts per destination), all-to-all out, regroup by local expert, experts, un-regroup,
   all-to-all back.
 
-Both also offer ``sum_over_data_parallel``: the balancing loss uses routing counts summed over the
+* ``TensorParallelExperts``: wraps either when every expert's F is split over a tensor-parallel (TP) group whose
+  ranks hold the same tokens: Megatron's *f* (identity forward, all-reduce backward) on the tokens and on the
+  combine weights, *g* (all-reduce forward) on the combined output. The combine is linear in the expert outputs,
+  so one forward all-reduce per layer suffices; without *f* on the weights the router's gradient would miss the
+  other ranks' shares.
+
+All offer ``sum_over_data_parallel``: the balancing loss uses routing counts summed over the
 data-parallel group, so its value and gradient do not depend on how the batch is split over ranks.
 """
 from __future__ import annotations
@@ -38,6 +44,35 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         output_splits, input_splits = ctx.splits
         return _AllToAll.apply(grad_out.contiguous(), input_splits, output_splits, ctx.group), None, None, None
+
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Megatron's f: identity forward; backward sums the TP ranks' gradients (each saw part of the experts)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    """Megatron's g: forward sums the TP ranks' partial outputs; backward passes the (replicated) gradient on."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 def _all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -101,22 +136,94 @@ class AllToAllDispatcher(LocalDispatcher):
         return combine(y_NM, token_of_pair_N, weight_N, x_SM.shape[0])  # weighted, into each pair's token
 
 
+class TensorParallelExperts:
+    """A dispatcher (local or all-to-all) over experts whose F is split over ``tp_group``."""
+
+    def __init__(self, inner: LocalDispatcher, tp_group):
+        self.inner = inner
+        self.tp_group = tp_group
+
+    def run(self, x_SM: torch.Tensor, token_of_pair_N: torch.Tensor, weight_N: torch.Tensor,
+            tokens_per_expert: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+        x_SM = _CopyToTensorParallel.apply(x_SM, self.tp_group)
+        weight_N = _CopyToTensorParallel.apply(weight_N, self.tp_group)
+        partial_SM = self.inner.run(x_SM, token_of_pair_N, weight_N, tokens_per_expert, experts)
+        return _ReduceFromTensorParallel.apply(partial_SM, self.tp_group)
+
+    def sum_over_data_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.inner.sum_over_data_parallel(tensor)
+
+
+# ---- Process groups. TP peers hold the same tokens, so expert-parallel groups must lie inside one data-parallel
+# group (same TP rank): made before the TP mesh, DeepSpeed's TP-unaware groups would pair TP peers, and every
+# expert would see its tokens twice (doubled expert gradients, no error; DEEPSPEED-SCALE.md §2). Hence one entry
+# point, ``create_parallel_groups``, that builds the mesh first, and a record of the TP size each EP group was
+# made under, which ``check_group_order`` compares before the engine starts.
+_EP_GROUPS_MADE_AT_TP: dict[str, int] = {}
+
+
+def tensor_parallel_size() -> int:
+    """The TP mesh's size (1 when none was made)."""
+    if not dist.is_initialized() or groups.mpu is None:
+        return 1
+    return groups.get_tensor_model_parallel_world_size()
+
+
+def tensor_parallel_rank() -> int:
+    return groups.get_tensor_model_parallel_rank() if tensor_parallel_size() > 1 else 0
+
+
+def create_parallel_groups(tp_size: int, ep_size: int) -> None:
+    """The TP x data-parallel mesh (ranks r·tp .. r·tp+tp-1 form a TP group), then ``ep_size`` expert groups inside
+    each data-parallel group. DeepSpeed's engine finds the mesh made and keeps it."""
+    if tp_size > 1 and tensor_parallel_size() != tp_size:
+        if _EP_GROUPS_MADE_AT_TP:
+            raise RuntimeError(f"expert-parallel groups {sorted(_EP_GROUPS_MADE_AT_TP)} were made before the "
+                               f"tensor-parallel mesh; they would pair TP peers (doubled expert gradients). Call "
+                               f"create_parallel_groups before anything builds expert groups")
+        if groups.mpu is not None:
+            raise RuntimeError(f"a tensor-parallel mesh of size {tensor_parallel_size()} exists; this run asks "
+                               f"for {tp_size}")
+        groups._init_tp_mesh_device(tensor_model_parallel_size=tp_size)
+        groups.mpu = groups
+    ensure_expert_groups(ep_size)
+
+
+def check_group_order(tp_size: int) -> None:
+    """Refuse to start an engine whose expert groups were made for another TP size than its mesh's."""
+    if tensor_parallel_size() != tp_size:
+        raise RuntimeError(f"the run has TP {tp_size} but the process groups were made for TP "
+                           f"{tensor_parallel_size()}; call create_parallel_groups({tp_size}, ep_size) first")
+    wrong = {name: tp for name, tp in _EP_GROUPS_MADE_AT_TP.items() if tp != tp_size}
+    if wrong:
+        raise RuntimeError(f"expert-parallel groups {sorted(wrong)} were made before the TP {tp_size} mesh (at TP "
+                           f"{sorted(set(wrong.values()))}); they pair TP peers: make the mesh first "
+                           f"(create_parallel_groups)")
+
+
 def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> str:
-    """Create DeepSpeed's ``ep_size_{N}`` expert / expert-data-parallel groups once; return the name."""
-    world_size = dist.get_world_size()
-    if world_size % ep_size != 0:
+    """Create DeepSpeed's ``ep_size_{N}`` expert / expert-data-parallel groups once; return the name. With a TP
+    mesh, inside each data-parallel group (DeepSpeed's "E + M + D" layout)."""
+    tp_size, world_size = tensor_parallel_size(), dist.get_world_size()
+    if (world_size // tp_size) % ep_size != 0:
         raise ValueError(
-            f"expert-parallel size {ep_size} must divide the world size {world_size}; "
-            f"set ep_size to a divisor of the number of ranks"
+            f"expert-parallel size {ep_size} must divide the data-parallel size {world_size // tp_size}; "
+            f"set ep_size to a divisor of the number of ranks / TP"
         )
     group_name = f"ep_size_{ep_size}"
     if group_name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size,
-                                                use_data_before_expert_parallel_=use_data_before_expert_parallel)
+        if tp_size > 1:
+            groups._create_expert_data_and_model_parallel(
+                ep_size, mpu=groups.mpu, use_data_before_expert_parallel_=use_data_before_expert_parallel)
+        else:
+            groups._create_expert_and_data_parallel(
+                ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel)
+        _EP_GROUPS_MADE_AT_TP[group_name] = tp_size
     return group_name
 
 
-def expert_parallel_dispatcher(ep_size: int, use_data_before_expert_parallel: bool = False) -> LocalDispatcher:
+def expert_parallel_dispatcher(ep_size: int, use_data_before_expert_parallel: bool = False,
+                               experts_tp_size: int = 1) -> LocalDispatcher:
     """The dispatcher for an ``ep_size`` layer, creating DeepSpeed's ``ep_size_{N}`` groups on first use.
 
     Called once per layer when the DeepSpeed engine sets up parallelism (``set_deepspeed_parallelism``).
@@ -130,8 +237,15 @@ def expert_parallel_dispatcher(ep_size: int, use_data_before_expert_parallel: bo
     group_name = ensure_expert_groups(ep_size, use_data_before_expert_parallel)
     dp_group = groups._get_data_parallel_group()
     if ep_size == 1:
-        return LocalDispatcher(dp_group)
-    return AllToAllDispatcher(groups._get_expert_parallel_group(group_name), dp_group)
+        dispatcher = LocalDispatcher(dp_group)
+    else:
+        dispatcher = AllToAllDispatcher(groups._get_expert_parallel_group(group_name), dp_group)
+    if experts_tp_size == 1:
+        return dispatcher
+    if experts_tp_size != tensor_parallel_size():
+        raise RuntimeError(f"the experts are split over TP {experts_tp_size}, the mesh has TP "
+                           f"{tensor_parallel_size()}")
+    return TensorParallelExperts(dispatcher, groups.get_tensor_model_parallel_group())
 
 
 def expert_parallel_rank(ep_size: int) -> int:

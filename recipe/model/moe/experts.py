@@ -282,6 +282,7 @@ class SwiGLUExperts(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.use_grouped_mm = use_grouped_mm
+        self.tp_size = 1  # > 1 after shard_intermediate: each rank holds intermediate_size of F = tp·that
         self.w1 = nn.Parameter(torch.empty(num_local_experts, intermediate_size, hidden_size))
         self.w3 = nn.Parameter(torch.empty(num_local_experts, intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, intermediate_size))
@@ -294,6 +295,22 @@ class SwiGLUExperts(nn.Module):
         for weight in (self.w1, self.w3, self.w2):
             bound = 1.0 / math.sqrt(weight.shape[-1])
             nn.init.uniform_(weight, -bound, bound)
+
+    @torch.no_grad()
+    def shard_intermediate(self, tp_rank: int, tp_size: int) -> None:
+        """Keep TP rank ``tp_rank``'s 1/tp_size of every expert's F (``recipe.model.tp_layout``): the partial outputs
+        of the TP ranks sum to the full expert's (the dispatcher adds them). Weights must be final: init, load or
+        reshard the full experts first."""
+        if self.intermediate_size % tp_size:
+            raise ValueError(f"expert intermediate size {self.intermediate_size} is not divisible by TP {tp_size}")
+        for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
+            full = getattr(self, name)
+            shard = nn.Parameter(full.chunk(tp_size, dim=dim)[tp_rank].clone())
+            shard.__dict__.update(full.__dict__)  # DeepSpeed's expert tags (allreduce=False, group_name)
+            shard.tensor_model_parallel = True  # DeepSpeed counts it in the grad norm on every TP rank
+            setattr(self, name, shard)
+        self.intermediate_size //= tp_size
+        self.tp_size = tp_size
 
     def _grouped(self, x_NM: torch.Tensor) -> bool:
         if self.use_grouped_mm is not None:

@@ -226,7 +226,8 @@ class MoEBase(nn.Module):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by ``deepspeed.initialize`` (or by hand after ``deepspeed.init_distributed``)."""
-        self.dispatcher = expert_parallel_dispatcher(self.ep_size, use_data_before_expert_parallel_)
+        self.dispatcher = expert_parallel_dispatcher(self.ep_size, use_data_before_expert_parallel_,
+                                                     getattr(self.deepspeed_moe.experts, "tp_size", 1))
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
         # DeepSpeed's own route to group creation; its version expects DeepSpeed's MOELayer inside.
