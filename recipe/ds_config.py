@@ -92,7 +92,7 @@ def resolve_ds_config(raw: dict, config: RecipeConfig, world_size: int, path: st
     if tp_size > 1 and stage == 3:
         raise ConfigError(f"{path}: tensor parallelism with ZeRO stage 3 is not supported by the recipe (ZeRO-3 "
                           f"would miss the TP shards in the grad norm); use ZeRO stage 0-2 with TP, or TP 1")
-    _check_ep_size(ep_size, config, world_size // tp_size, path)
+    _check_ep_size(ep_size, config, world_size, tp_size, path)
     _fill_auto_schedule(ds, config.train.steps)
     _check_monitors(ds, config.train.run_dir, path)
     if "optimizer" not in ds:
@@ -188,12 +188,13 @@ def _check_zero3_moe(zero: dict, config: RecipeConfig, path: str) -> None:
                               f"with partitioned experts); remove it, or use ds_configs/zero2_fp32_offload.json")
 
 
-def _check_ep_size(ep_size: int, config: RecipeConfig, dp_size: int, path: str) -> None:
+def _check_ep_size(ep_size: int, config: RecipeConfig, world_size: int, tp_size: int, path: str) -> None:
     """The expert-parallel size must divide the data-parallel ranks and the experts; dense models have none."""
-    if dp_size % ep_size != 0:
-        raise ConfigError(f"{path}: {RECIPE_BLOCK}.ep_size {ep_size} does not divide the data-parallel size "
-                          f"{dp_size} (ranks / TP); launch a multiple of {ep_size} x TP ranks or use a smaller "
-                          f"ep_size")
+    if (world_size // tp_size) % ep_size != 0:
+        ranks = f"the world size {world_size}" if tp_size == 1 else \
+            f"the data-parallel size {world_size // tp_size} ({world_size} ranks / TP {tp_size})"
+        raise ConfigError(f"{path}: {RECIPE_BLOCK}.ep_size {ep_size} does not divide {ranks}; launch a multiple of "
+                          f"{ep_size * tp_size} ranks or use a smaller ep_size")
     if config.is_moe and config.model.num_experts % ep_size != 0:
         raise ConfigError(f"`model.num_experts` ({config.model.num_experts}) is not divisible by "
                           f"{RECIPE_BLOCK}.ep_size {ep_size} from {path}; use a multiple of {ep_size} experts "

@@ -162,7 +162,8 @@ def banner(plan: RunPlan, ranks: Ranks, tokens_per_step: int, start_step: int) -
     """The one line before the first step: model, layout, data."""
     config, ds, counts = plan.config, plan.ds, parameter_counts(plan.config)
     return (f"moe-recipe: {config.model_type} {counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M "
-            f"active) | {ranks.world_size} ranks, ep_size {ds.ep_size}, ZeRO-{ds.zero_stage} {ds.precision} | data "
+            f"active) | {ranks.world_size} ranks, ep_size {ds.ep_size}{f', TP {ds.tp_size}' if ds.tp_size > 1 else ''}, "
+            f"ZeRO-{ds.zero_stage} {ds.precision} | data "
             f"{config.data.path}, {tokens_per_step:,} tokens/step, steps {start_step + 1}..{config.train.steps}")
 
 
@@ -209,7 +210,8 @@ def run_summary(plan: RunPlan, job: Job, ranks: Ranks, start_step: int, val_loss
         "tokens_seen": tally.tokens_per_step * steps,
         "tokens_per_s": tally.tokens_per_step * (steps - start_step) / max(wall, 1e-9),
         "total_params": counts["total"], "active_params": counts["active"], "wall_s": wall,
-        "world_size": ranks.world_size, "ep_size": ds.ep_size, "zero_stage": ds.zero_stage, "precision": ds.precision,
+        "world_size": ranks.world_size, "ep_size": ds.ep_size, "tp_size": ds.tp_size, "zero_stage": ds.zero_stage,
+        "precision": ds.precision,
         "param_dtype": str(next(job.engine.module.parameters()).dtype).replace("torch.", ""),
     }
 

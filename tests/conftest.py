@@ -145,6 +145,38 @@ def launch(nproc: int, config: Path, ds_config: Path, run_dir: Path, *extra: str
     return proc
 
 
+def clipped_ds_json(path: Path, base: str, train_micro_batch_size_per_gpu: int = 2, **zero) -> Path:
+    """ds_configs/<base> at a micro batch of 2, a constant rate (no scheduler: every step moves the weights) and a
+    clip norm of 0.05 (the tiny models' norm is ~1: clipping scales every update); ``zero`` into its ZeRO block."""
+    raw = json.loads((ROOT / "ds_configs" / base).read_text())
+    raw.pop("scheduler")
+    raw.update(train_micro_batch_size_per_gpu=train_micro_batch_size_per_gpu, gradient_clipping=0.05)
+    raw["zero_optimization"].update(zero)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def run_on_ranks(nproc: int, *target: str) -> None:
+    """``target`` (a script and its arguments, or ``--module NAME ...``) on ``nproc`` ranks through DeepSpeed's
+    runner; the script gets ``--local_rank=N`` first."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "recipe.launcher", "runner", "--master_addr", "127.0.0.1", "--master_port",
+           str(_free_port()), "--num_gpus", str(nproc), *target]
+    proc = run_to_end(cmd, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def copy_at_step(source: Path, run_dir: Path, step: int, last_step: int) -> Path:
+    """A copy of run ``source`` whose only checkpoint is ``step`` (its metrics.jsonl kept: the resumed run
+    replaces what follows)."""
+    import shutil
+
+    shutil.copytree(source, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / f"step{last_step:08d}")
+    (run_dir / "checkpoints" / "latest").write_text(f"step{step:08d}")
+    return run_dir
+
+
 def train_layouts(config: Path, layouts: dict[str, tuple[int, int, int]], tmp_path: Path) -> dict[str, list[dict]]:
     """Train ``config`` once per layout ``{name: (ranks, micro batch, ep_size)}`` (ds_config zero2_fp32.json with
     those changed), each in ``tmp_path / name``; returns each run's train records."""

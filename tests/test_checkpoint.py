@@ -149,9 +149,10 @@ def test_rank_state_keeps_its_keys_on_disk_and_reads_older_files_with_defaults(t
     save_recipe_state(tmp_path, "step00000001", 1, state)
     on_disk = torch.load(tmp_path / "checkpoints" / "step00000001" / "recipe_rank1.pt", weights_only=False)
     assert set(on_disk) == {"step", "loader", "rng", "world_size", "ep_size", "rank", "ep_rank", "expert_dp_rank",
-                            "zero_stage", "precision"}  # optimizer_param_names only for a plain torch optimizer
+                            "zero_stage", "precision", "tp_size", "tp_rank"}  # optimizer_param_names: plain torch
     assert load_recipe_state(tmp_path, "step00000001", 1) == state
     older = {"step": 5, "loader": {}, "rng": {}, "world_size": 1, "ep_size": 1}  # before layout fields existed
     torch.save(older, tmp_path / "checkpoints" / "step00000001" / "recipe_rank0.pt")
     loaded = load_recipe_state(tmp_path, "step00000001", 0)
     assert (loaded.step, loaded.ep_rank, loaded.zero_stage, loaded.precision) == (5, None, None, None)
+    assert (loaded.tp_size, loaded.tp_rank) == (1, 0)  # before tensor parallelism: none

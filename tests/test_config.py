@@ -143,7 +143,11 @@ REJECTED_DS = [
     (_ds(zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}), 2, "offload_optimizer is not"),
     (_ds(zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}}), 2, "offload_param is not"),
     (_ds(pipeline={"stages": 2}), 2, "pipeline parallelism is not supported"),
-    (_ds(tensor_parallel={"autotp_size": 2}), 2, "tensor parallelism (tensor_parallel.autotp_size 2)"),
+    (_ds(tensor_parallel={"autotp_size": 2}), 2, "does not divide the data-parallel size 1 (2 ranks / TP 2)"),
+    (_ds(tensor_parallel={"autotp_size": 3}), 4, "autotp_size 3 does not divide the 4 ranks"),
+    (_ds(tensor_parallel={"autotp_size": 2, "partition_config": {}}), 4, "takes only autotp_size"),
+    (_ds(tensor_parallel={"autotp_size": 2}, zero_optimization={"stage": 3}, moe_recipe={"ep_size": 1}), 4,
+     "tensor parallelism with ZeRO stage 3 is not supported"),
     (_ds(sequence_parallel_size=2), 2, "sequence parallelism"),
     (_ds(zero_optimization={"stage": 3, "zero_hpz_partition_size": 1, "zero_quantized_weights": False},
          moe_recipe={"ep_size": 4}), 4, None),  # fine: ZeRO-3 with those left off
@@ -161,6 +165,31 @@ def test_bad_ds_configs_rejected(raw, world, message):
         return
     with pytest.raises(ConfigError) as info:
         resolve_ds_config(raw, MOE, world)
+    assert message in str(info.value)
+
+
+def test_tensor_parallel_json_gets_the_recipes_partition_config():
+    """autotp_size 2 on 4 ranks: TP 2, data-parallel size 2 (the global batch counts it), AutoTP told which of
+    the recipe's weights to cut; autotp_size 1 is no TP, the block removed."""
+    ds = resolve_ds_config(_ds(tensor_parallel={"autotp_size": 2}), MOE, 4)
+    assert (ds.tp_size, ds.dp_size(4), ds.global_batch_size(4)) == (2, 2, 16)
+    specs = ds.deepspeed["tensor_parallel"]["partition_config"]["layer_specs"]
+    assert [spec["partition_type"] for spec in specs] == ["column", "column", "row"]
+    none = resolve_ds_config(_ds(tensor_parallel={"autotp_size": 1}), MOE, 2)
+    assert none.tp_size == 1 and "tensor_parallel" not in none.deepspeed
+
+
+@pytest.mark.parametrize("model,message", [
+    ({"num_attention_heads": 3, "hidden_size": 48}, "model.num_attention_heads (3) is not divisible"),
+    ({"num_attention_heads": 4, "num_key_value_heads": 1}, "model.num_key_value_heads (1) is not divisible"),
+    ({"moe_intermediate_size": 33}, "the expert size (33) is not divisible"),
+    ({"qk_norm": "full"}, "does not support model.qk_norm='full'"),
+    ({"moe_impl": "deepspeed", "moe_balance_over_data_parallel": False}, "does not support model.moe_impl='deepspeed'"),
+])
+def test_what_tensor_parallelism_cannot_split_is_refused(model, message):
+    config = config_from_dict({"model": {"num_experts": 8, **model}})
+    with pytest.raises(ConfigError) as info:
+        resolve_ds_config(_ds(tensor_parallel={"autotp_size": 2}, moe_recipe={"ep_size": 1}), config, 2)
     assert message in str(info.value)
 
 

@@ -24,8 +24,8 @@ def shipped(name="zero2_fp32_ep2.json") -> dict:
 def test_every_shipped_json_passes(name):
     """The negative control of the key check: nothing DeepSpeed reads is refused."""
     raw = shipped(name)
-    ep_size = raw.get("moe_recipe", {}).get("ep_size", 1)
-    resolve(raw, MOE if raw.get("moe_recipe") else DENSE, world_size=max(2, ep_size))  # ep_size divides the ranks
+    ranks = raw.get("moe_recipe", {}).get("ep_size", 1) * raw.get("tensor_parallel", {}).get("autotp_size", 1)
+    resolve(raw, MOE if raw.get("moe_recipe") else DENSE, world_size=max(2, ranks))  # ep_size x TP divides them
 
 
 def test_monitor_and_profiler_blocks_are_keys_deepspeed_reads():

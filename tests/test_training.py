@@ -68,11 +68,12 @@ def test_every_ds_config_trains(tiny_data, tmp_path, ds_name):
 
     raw = json.loads((ROOT / "ds_configs" / ds_name).read_text())
     ep_size = raw.get("moe_recipe", {}).get("ep_size", 1)
+    tp_size = raw.get("tensor_parallel", {}).get("autotp_size", 1)
     config = write_config(tmp_path / "cfg.py", tiny_data)
     ds = write_ds_config(tmp_path / ds_name, base=ds_name)
     run_dir = tmp_path / "run"
     wants_fp16 = raw.get("fp16", {}).get("enabled", False)
-    proc = launch(max(2, ep_size), config, ds, run_dir, check=not (wants_fp16 and not get_accelerator().is_fp16_supported()))
+    proc = launch(max(2, ep_size * tp_size), config, ds, run_dir, check=not (wants_fp16 and not get_accelerator().is_fp16_supported()))
     if wants_fp16 and not get_accelerator().is_fp16_supported():
         # No fp16 kernels on this accelerator: the recipe refuses up front, with the fix in the message.
         assert proc.returncode != 0
@@ -86,6 +87,7 @@ def test_every_ds_config_trains(tiny_data, tmp_path, ds_name):
     expected = "bfloat16" if raw.get("bf16", {}).get("enabled") else "float16" if wants_fp16 else "float32"
     assert summary["param_dtype"] == expected
     assert summary["ep_size"] == ep_size and summary["zero_stage"] == raw["zero_optimization"]["stage"]
+    assert summary["tp_size"] == tp_size
     # The optimizer's fp32 masters are read back (export): they round to the weights. Not for bf16 without ZeRO:
     # with MoE layers the engine saves its optimizer as one expp_rank file, which recipe.reshard does not read.
     if expected == "bfloat16" and raw["zero_optimization"]["stage"] > 0:

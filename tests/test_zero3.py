@@ -7,44 +7,22 @@ One module-scoped set of launches serves every assertion (each launch is 30-60 s
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, _free_port, launch, read_metrics, run_to_end, write_config
+from conftest import ROOT, clipped_ds_json, copy_at_step, launch, read_metrics, run_on_ranks, write_config
 
 pytestmark = pytest.mark.multirank
 
 STEPS = 4
 
 
-def _ds_json(path, base: str, train_micro_batch_size_per_gpu: int = 2, **zero):
-    """ds_configs/<base> at micro batch 2, a constant rate (no scheduler: every step moves the weights) and a clip
-    norm of 0.05 (the tiny model's norm is ~1: clipping scales every update)."""
-    raw = json.loads((ROOT / "ds_configs" / base).read_text())
-    raw.pop("scheduler")
-    raw.update(train_micro_batch_size_per_gpu=train_micro_batch_size_per_gpu, gradient_clipping=0.05)
-    raw["zero_optimization"].update(zero)
-    path.write_text(json.dumps(raw))
-    return path
-
-
-def _run_on_4_ranks(*target: str) -> None:
-    """``target`` (a script and its arguments, or ``--module NAME ...``) on 4 ranks through DeepSpeed's runner."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "recipe.launcher", "runner", "--master_addr", "127.0.0.1", "--master_port",
-           str(_free_port()), "--num_gpus", "4", *target]
-    proc = run_to_end(cmd, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def _launch_untagged(config, ds, run_dir):
     """The trainer with the placement tags left off (tests/zero3_untagged.py)."""
-    _run_on_4_ranks("--module", "tests.zero3_untagged", "--config", str(config), "--ds_config", str(ds),
+    run_on_ranks(4, "--module", "tests.zero3_untagged", "--config", str(config), "--ds_config", str(ds),
                     "--run_dir", str(run_dir))
 
 
@@ -56,18 +34,18 @@ def runs(tiny_data, tmp_path_factory):
     config = write_config(tmp / "cfg.py", tiny_data, model=dict(hidden_size=30, num_attention_heads=3,
                                                                 moe_drop_tokens=False),
                           train=dict(steps=STEPS, save_every=2, eval_every=STEPS))
-    zero2 = _ds_json(tmp / "zero2.json", "zero2_fp32_ep2.json")
+    zero2 = clipped_ds_json(tmp / "zero2.json", "zero2_fp32_ep2.json")
     # Threshold 0: every parameter is partitioned (the tiny model's would all stay whole under the default 1e5).
-    zero3 = _ds_json(tmp / "zero3.json", "zero3_fp32_ep2.json", stage3_param_persistence_threshold=0)
+    zero3 = clipped_ds_json(tmp / "zero3.json", "zero3_fp32_ep2.json", stage3_param_persistence_threshold=0)
     launch(4, config, zero2, tmp / "zero2")
     launch(4, config, zero3, tmp / "zero3")
     _launch_untagged(config, zero3, tmp / "untagged")
     # Resume the ZeRO-3 run from its step-2 checkpoint in a copy holding only that one.
-    proc = launch(4, config, zero3, _copy_at_step_2(tmp / "zero3", tmp / "resumed"), "--resume")
+    proc = launch(4, config, zero3, copy_at_step(tmp / "zero3", tmp / "resumed", 2, STEPS), "--resume")
     assert "resumed from step00000002" in proc.stdout
     # --reshard from step 2: ZeRO-3 on 4 ranks into ZeRO-2 on 2 (same global batch), and ZeRO-2 into ZeRO-3.
-    _reshard(tmp / "zero3", tmp / "to_zero2", config, _ds_json(tmp / "zero2_2ranks.json", "zero2_fp32_ep2.json",
-                                                                 train_micro_batch_size_per_gpu=4), nproc=2)
+    zero2_on_2 = clipped_ds_json(tmp / "zero2_2ranks.json", "zero2_fp32_ep2.json", train_micro_batch_size_per_gpu=4)
+    _reshard(tmp / "zero3", tmp / "to_zero2", config, zero2_on_2, nproc=2)
     _reshard(tmp / "zero2", tmp / "to_zero3", config, zero3, nproc=4)
     _memory_check(config, [zero2, zero3], tmp / "memory.json")
     return tmp
@@ -75,22 +53,14 @@ def runs(tiny_data, tmp_path_factory):
 
 def _memory_check(config, ds_configs, out) -> None:
     """bench/memory_check.py: every rank's live engine measured beside recipe.memory's estimate, one launch."""
-    _run_on_4_ranks(str(ROOT / "bench" / "memory_check.py"), "--config", str(config), "--ds_config",
+    run_on_ranks(4, str(ROOT / "bench" / "memory_check.py"), "--config", str(config), "--ds_config",
                     *map(str, ds_configs), "--out", str(out))
 
 
 def _reshard(source, run_dir, config, ds, nproc: int) -> None:
     """``source`` resumed from its step-2 checkpoint with --reshard at another layout, in ``run_dir``."""
-    proc = launch(nproc, config, ds, _copy_at_step_2(source, run_dir), "--resume", "--reshard")
+    proc = launch(nproc, config, ds, copy_at_step(source, run_dir, 2, STEPS), "--resume", "--reshard")
     assert "fp32 master weights, Adam moments" in proc.stdout, proc.stdout[-2000:]
-
-
-def _copy_at_step_2(source, run_dir):
-    """A copy of run ``source`` whose only checkpoint is step 2 (its metrics.jsonl kept: the resumed run appends)."""
-    shutil.copytree(source, run_dir)
-    shutil.rmtree(run_dir / "checkpoints" / f"step{STEPS:08d}")
-    (run_dir / "checkpoints" / "latest").write_text("step00000002")
-    return run_dir
 
 
 def _relative(a: float, b: float) -> float:
