@@ -234,15 +234,16 @@ def _tensor_parallel(ds: dict, config: RecipeConfig, world_size: int, path: str)
     if world_size % tp_size:
         raise ConfigError(f"{path}: tensor_parallel.autotp_size {tp_size} does not divide the {world_size} ranks; "
                           f"launch a multiple of {tp_size} ranks")
-    _check_tp_model(config, tp_size, path)
+    check_tensor_parallel_model(config, tp_size, path)
     from .model.tp_layout import autotp_partition_config
 
     ds["tensor_parallel"] = {"autotp_size": tp_size, "partition_config": autotp_partition_config(config)}
     return tp_size
 
 
-def _check_tp_model(config: RecipeConfig, tp_size: int, path: str) -> None:
-    """Every size TP cuts is a multiple of TP, and the model has nothing TP cannot split."""
+def check_tensor_parallel_model(config: RecipeConfig, tp_size: int, path: str) -> None:
+    """Every size TP cuts is a multiple of TP, and the model has nothing TP cannot split (``path``: where the TP
+    size came from, for the message)."""
     m = config.model
     sizes = {"model.num_attention_heads": m.num_attention_heads, "model.num_key_value_heads":
              m.resolved_kv_heads}
@@ -254,7 +255,7 @@ def _check_tp_model(config: RecipeConfig, tp_size: int, path: str) -> None:
             sizes["the shared-expert size"] = m.shared_expert_size
     for what, size in sizes.items():
         if size % tp_size:
-            raise ConfigError(f"{path}: {what} ({size}) is not divisible by tensor_parallel.autotp_size {tp_size}; "
+            raise ConfigError(f"{path}: {what} ({size}) is not divisible by the tensor-parallel size {tp_size}; "
                               f"use a TP size that divides it")
     refused = {"model.qk_norm='full' (one norm over all heads)": m.qk_norm == "full",
                "model.moe_impl='deepspeed'": config.is_moe and m.moe_impl == "deepspeed",

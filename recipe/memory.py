@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .config import ConfigError, RecipeConfig, load_config, parameter_counts
-from .ds_config import DSConfig, read_ds_config, resolve_ds_config
+from .ds_config import DSConfig, check_tensor_parallel_model, read_ds_config, resolve_ds_config
 from .model.expert_keys import is_expert_parameter
 
 GIB = 1024 ** 3
@@ -147,28 +147,9 @@ def _moe_shapes(prefix: str, config: RecipeConfig, ep_size: int, tp_size: int) -
 
 
 def _check_tp_divides_model(config: RecipeConfig, tp_size: int) -> None:
-    """Each TP rank gets whole heads (q and kv) and an equal share of every SwiGLU's intermediate size; what the
-    trainer does not split under TP is refused as it refuses it."""
-    if tp_size == 1:
-        return
-    m = config.model
-    refused = {"model.qk_norm='full' (one norm over all heads)": m.qk_norm == "full",
-               "model.moe_impl='deepspeed'": config.is_moe and m.moe_impl == "deepspeed"}
-    for what, is_set in refused.items():
-        if is_set:
-            raise ConfigError(f"tp_size {tp_size}: tensor parallelism does not support {what}; plan with tp_size 1")
-    moe_layers = set(config.moe_layer_ids())
-    sizes = {"the attention heads": m.num_attention_heads, "the key/value heads": m.resolved_kv_heads}
-    if len(moe_layers) < m.num_layers:
-        sizes["the dense FFN's intermediate size"] = m.ffn_size
-    if moe_layers:
-        sizes["the experts' intermediate size"] = m.expert_size
-        if m.moe_num_shared_experts > 0:
-            sizes["the shared experts' intermediate size"] = m.shared_expert_size
-    for what, size in sizes.items():
-        if size % tp_size:
-            raise ConfigError(f"tp_size {tp_size} does not divide {what} ({size}) of the model; use a tp_size that "
-                              f"divides it")
+    """The trainer's check (``estimate`` may get a DSConfig that ``resolve_ds_config`` did not make)."""
+    if tp_size > 1:
+        check_tensor_parallel_model(config, tp_size, f"tp_size {tp_size}")
 
 
 def parameter_shapes(config: RecipeConfig, ep_size: int = 1, tp_size: int = 1) -> list[tuple[str, tuple[int, ...]]]:

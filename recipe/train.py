@@ -161,9 +161,9 @@ def run_training(plan: RunPlan, samples: int, position: LoopPosition) -> int:
 def banner(plan: RunPlan, ranks: Ranks, tokens_per_step: int, start_step: int) -> str:
     """The one line before the first step: model, layout, data."""
     config, ds, counts = plan.config, plan.ds, parameter_counts(plan.config)
+    tp = f", TP {ds.tp_size}" if ds.tp_size > 1 else ""
     return (f"moe-recipe: {config.model_type} {counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M "
-            f"active) | {ranks.world_size} ranks, ep_size {ds.ep_size}{f', TP {ds.tp_size}' if ds.tp_size > 1 else ''}, "
-            f"ZeRO-{ds.zero_stage} {ds.precision} | data "
+            f"active) | {ranks.world_size} ranks, ep_size {ds.ep_size}{tp}, ZeRO-{ds.zero_stage} {ds.precision} | data "
             f"{config.data.path}, {tokens_per_step:,} tokens/step, steps {start_step + 1}..{config.train.steps}")
 
 

@@ -393,7 +393,7 @@ def test_tp2_against_tp1_at_the_same_data_parallel_size():
     assert activations[0] / 2 < activations[1] < activations[0]
     assert activations[0] - activations[1] == 2 * (activations[1] - activations[2])
     assert tp2.activations == activation_bytes(config, 2, 2, 2, "cuda", tp_size=2).peak
-    with pytest.raises(ValueError, match="tp_size 4 does not divide the key/value heads"):
+    with pytest.raises(ValueError, match=r"tp_size 4: model.num_key_value_heads \(2\) is not divisible"):
         activation_bytes(config, 2, 2, 2, "cpu", tp_size=4)
 
 
@@ -411,8 +411,8 @@ def test_tp_peers_hold_the_same_and_tp1_is_unchanged():
     (8, 3, 1, 1, {}, "tp_size 3 does not divide the world size 8"),
     (4, 2, 4, 1, {}, "ep_size 4 does not divide the data-parallel size 2 (4 ranks / tp_size 2)"),
     (8, 2, 2, 3, {}, "ZeRO-3 with tp_size 2 is refused"),
-    (8, 4, 2, 1, {}, "tp_size 4 does not divide the key/value heads (2)"),
-    (8, 2, 2, 1, {"moe_intermediate_size": 15}, "tp_size 2 does not divide the experts' intermediate size (15)"),
+    (8, 4, 2, 1, {}, "tp_size 4: model.num_key_value_heads (2) is not divisible"),
+    (8, 2, 2, 1, {"moe_intermediate_size": 15}, "tp_size 2: the expert size (15) is not divisible"),
     (8, 2, 2, 1, {"qk_norm": "full"}, "does not support model.qk_norm='full'"),
 ])
 def test_tp_layouts_the_trainer_refuses_are_refused(world, tp, ep, stage, model, problem):
