@@ -6,12 +6,14 @@
 For each JSON, in one launch: the trainer's own job (model, engine, data loader) runs one optimizer step, then
 one more forward and backward; before that step every rank measures what its engine holds
 (``recipe.memory.measure_engine``: parameters, gradients, optimizer state) beside ``estimate(rank=r)``. Rank 0
-prints one row per (JSON, rank) and, with ``--out``, writes them as JSON (tests/test_zero3.py reads it).
+prints one row per (JSON, rank) and, with ``--out``, writes them as JSON (tests/test_zero3.py and
+tests/test_tensor_parallel.py read it). The JSONs of one launch share one tensor-parallel size (one mesh per process).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -48,7 +50,8 @@ def measure(config_path: str, ds_path: str, ranks, run_dir: Path) -> dict:
     measured = measure_engine(job.engine)
     expected = estimate(config, ds, ranks.world_size, rank=ranks.rank, device_type=job.device.type)
     job.engine.destroy()
-    return {"ds_config": ds_path, "zero_stage": ds.zero_stage, "ep_size": ds.ep_size, "rank": ranks.rank,
+    return {"ds_config": ds_path, "zero_stage": ds.zero_stage, "ep_size": ds.ep_size, "tp_size": ds.tp_size,
+            "rank": ranks.rank,
             "measured": {f: getattr(measured, f) for f in FIELDS},
             "estimated": {f: getattr(expected, f) for f in FIELDS}, "estimate_total": asdict(expected)}
 
@@ -70,7 +73,11 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = parser.parse_args()
     config = load_config(args.config)
-    ranks = start_process_group(config.train.seed)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tp_sizes = {resolve_ds_config(read_ds_config(path), config, world_size, path).tp_size for path in args.ds_config}
+    if len(tp_sizes) > 1:  # the tensor-parallel mesh is made once per process
+        parser.error(f"the ds_configs have tensor-parallel sizes {sorted(tp_sizes)}; measure one TP size per launch")
+    ranks = start_process_group(config.train.seed, tp_sizes.pop())
     rows = []
     with TemporaryDirectory() as scratch:  # the job's run folder: nothing is saved
         for ds_path in args.ds_config:

@@ -48,6 +48,8 @@ def runs(tiny_data, tmp_path_factory):
         proc = launch(nproc, config, ds, copy_at_step(tmp / source, tmp / target, 2, STEPS), "--resume", "--reshard")
         assert "fp32 master weights, Adam moments" in proc.stdout, proc.stdout[-2000:]
     run_on_ranks(2, str(ROOT / "tests" / "tp_layer_check.py"), str(tmp / "layer"))
+    run_on_ranks(4, str(ROOT / "bench" / "memory_check.py"), "--config", str(config), "--ds_config", str(tp2),
+                 "--out", str(tmp / "memory.json"))
     return tmp
 
 
@@ -125,3 +127,14 @@ def test_expert_groups_made_before_the_tp_mesh_are_refused(runs):
     result = json.loads((runs / "layer.0.json").read_text())
     assert "were made before the tensor-parallel mesh" in result["mesh_after_expert_groups"]
     assert "were made before the TP 2 mesh" in result["engine_after_expert_groups"]
+
+
+def test_memory_estimate_matches_the_tp_engines(runs):
+    """recipe.memory's per-rank estimate at TP 2 against what each rank's live engine holds (parameters, gradients,
+    optimizer state), within 10%; the experts are half as wide as without TP (F 24 over 2: 12)."""
+    rows = json.loads((runs / "memory.json").read_text())
+    assert sorted((r["tp_size"], r["rank"]) for r in rows) == [(2, r) for r in range(4)]
+    for row in rows:
+        for field, measured in row["measured"].items():
+            assert measured > 0 and abs(row["estimated"][field] - measured) <= 0.1 * measured, (row, field)
+        assert row["measured"]["expert_params"] == 2 * 3 * 32 * 12 * 4  # 2 local experts, w1 w3 w2, fp32
