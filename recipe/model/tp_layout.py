@@ -7,7 +7,8 @@ Megatron's layout, over a TP group of ``tp`` ranks that see the same tokens:
   heads they read, [q_r; k_r; v_r]), the dense and shared-expert FFN's ``w1`` and ``w3``;
 * row-parallel (columns): ``attention.wo``, the FFN's ``w2``;
 * routed experts (``recipe.model.moe.experts.SwiGLUExperts``): the intermediate size F of every local expert,
-  ``w1``/``w3`` (E, F, M) on dim 1 and ``w2`` (E, M, F) on dim 2 (in per-expert files, one dim less);
+  stacked ``w1``/``w3`` (E, F, M) on dim 1 and ``w2`` (E, M, F) on dim 2 (``SwiGLUExperts.shard_intermediate``);
+  under the per-expert state-dict keys, which checkpoints and the readers use, one dim less;
 * everything else is replicated: embeddings, LM head, norms, router, the shared-expert gate. ``q_norm``/``k_norm``
   of ``qk_norm="head"`` normalise sharded heads, so their gradients are summed over TP (AutoTP ``grad_allreduce``).
 """
@@ -22,10 +23,9 @@ import torch
 from ..config import RecipeConfig
 
 _BLOCK = r"blocks\.\d+\."
-# One entry per sharded weight: (regex on the state-dict key, dim of the full 2-D / 3-D tensor it is cut on).
+# Regexes on state-dict keys: column-parallel weights are cut on dim 0, row-parallel ones on dim 1.
 _COLUMN = [_BLOCK + r"attention\.wqkv\.(weight|bias)", _BLOCK + r"(ffn|shared_mlp)\.w[13]\.weight"]
 _ROW = [_BLOCK + r"attention\.wo\.weight", _BLOCK + r"(ffn|shared_mlp)\.w2\.weight"]
-_EXPERT_STACKED = {_BLOCK + r"ffn\.experts\.w[13]": 1, _BLOCK + r"ffn\.experts\.w2": 2}  # (E, F, M) / (E, M, F)
 # DeepSpeed's per-expert file keys: ``...ffn.deepspeed_moe.experts.deepspeed_experts.<e>.w1.weight`` (F, M).
 _EXPERT_FILE = {_BLOCK + r"ffn\.deepspeed_moe\.experts\.deepspeed_experts\.\d+\.w[13]\.weight": 0,
                 _BLOCK + r"ffn\.deepspeed_moe\.experts\.deepspeed_experts\.\d+\.w2\.weight": 1}
@@ -52,10 +52,9 @@ def tp_cut(name: str, rows: QKVRows) -> Optional[TPCut]:
         return TPCut(0, rows if ".attention.wqkv." in name else None)
     if any(re.fullmatch(p, name) for p in _ROW):
         return TPCut(1)
-    for table in (_EXPERT_STACKED, _EXPERT_FILE):
-        for pattern, dim in table.items():
-            if re.fullmatch(pattern, name):
-                return TPCut(dim)
+    for pattern, dim in _EXPERT_FILE.items():
+        if re.fullmatch(pattern, name):
+            return TPCut(dim)
     return None
 
 
