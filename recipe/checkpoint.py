@@ -253,6 +253,11 @@ class RankState:
     tp_rank: int = 0
     optimizer_param_names: Optional[list[list[str]]] = None  # plain torch optimizer: names behind its indices
 
+    @property
+    def dp_rank(self) -> Optional[int]:
+        """Index among the data-parallel ranks (the rank without TP): the order ZeRO partitions dense state in."""
+        return None if self.rank is None else self.rank // self.tp_size
+
     def to_dict(self) -> dict:
         state = asdict(self)
         if state["optimizer_param_names"] is None:  # written only for a plain torch optimizer, as before

@@ -126,7 +126,7 @@ def _read_tensor_parallel(folder: Path, ranks: list[RankState], weights: dict[st
     per_tp_rank = []
     for tp_rank in range(tp_size):
         peers = [state for state in ranks if state.tp_rank == tp_rank]
-        files = [_first_existing(folder, [f"{prefix}zero_pp_rank_{state.rank // tp_size}_mp_rank_{tp_rank:02d}_"
+        files = [_first_existing(folder, [f"{prefix}zero_pp_rank_{state.dp_rank}_mp_rank_{tp_rank:02d}_"
                                           f"optim_states.pt" for prefix in ("", "bf16_")]) for state in peers]
         if any(path is None for path in files):
             raise ReshardError(f"{folder} lacks ZeRO-1/2 optimizer files of TP rank {tp_rank} (only ZeRO-1/2 and "
@@ -174,7 +174,7 @@ def _read_partitioned(files: list[Path], ranks: list[RankState], weights: dict[s
             steps.add(float(group_states[g]["step"]))
             for name, address in mapping.items():
                 expert = is_expert_parameter(name)
-                partition = coords.expert_dp_rank if expert else coords.rank // coords.tp_size  # data-parallel
+                partition = coords.expert_dp_rank if expert else coords.dp_rank
                 owner = coords.ep_rank if expert else 0
                 entry = fragments.setdefault((owner, name), {q: [] for q in QUANTITIES})
                 for q in QUANTITIES:

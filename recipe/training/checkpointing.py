@@ -261,4 +261,4 @@ def rank_state(plan: RunPlan, job: Job, ranks: Ranks, step: int) -> RankState:
         ep_size=plan.ds.ep_size, rank=ranks.rank, ep_rank=job.ep_rank,
         expert_dp_rank=expert_data_parallel_rank(plan.ds.ep_size) if plan.config.is_moe else ranks.rank,
         zero_stage=plan.ds.zero_stage, precision=plan.ds.precision, tp_size=plan.ds.tp_size,
-        tp_rank=ranks.rank % plan.ds.tp_size, optimizer_param_names=param_names)
+        tp_rank=ranks.tp_rank, optimizer_param_names=param_names)

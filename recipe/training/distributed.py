@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import deepspeed
 import torch
@@ -32,14 +32,20 @@ from .telemetry import deepspeed_log_level
 class Ranks:
     rank: int
     world_size: int
-    # Data parallelism: tensor-parallel peers (same dp_rank) train on the same batches.
-    dp_rank: Optional[int] = None  # None: rank (no tensor parallelism)
-    dp_size: Optional[int] = None  # None: world_size
+    tp_size: int = 1  # tensor-parallel peers (same dp_rank) train on the same batches
 
-    def __post_init__(self):
-        if self.dp_rank is None:
-            object.__setattr__(self, "dp_rank", self.rank)
-            object.__setattr__(self, "dp_size", self.world_size)
+    # DeepSpeed's TP mesh is (data parallel, tensor parallel), row-major: a TP group is tp_size consecutive ranks.
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
 
     @property
     def is_main(self) -> bool:
@@ -53,8 +59,7 @@ def start_process_group(seed: int, tp_size: int = 1, ep_size: int = 1) -> Ranks:
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     release_shm_workspace(dist.get_rank())
     create_parallel_groups(tp_size, ep_size)
-    dp_rank, dp_size = dist.get_rank() // tp_size, dist.get_world_size() // tp_size  # the mesh is (dp, tp)
-    ranks = Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), dp_rank=dp_rank, dp_size=dp_size)
+    ranks = Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), tp_size=tp_size)
     torch.manual_seed(seed * 1000 + ranks.dp_rank)  # per-batch stream for routing noise (same on TP peers)
     return ranks
 
